@@ -1,0 +1,5 @@
+import sys
+
+from dermlab.cli import main
+
+sys.exit(main())

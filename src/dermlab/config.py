@@ -1,0 +1,338 @@
+"""The one typed configuration tree: saved as ``config.yaml`` in every run and inside every checkpoint.
+
+Every section is a dataclass; :func:`config_from_dict` checks unknown keys, types and ranges and names the
+offending field (``train.stage1_lr``) in its error, so a typo never silently becomes a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dermlab.errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "LossConfig",
+    "MixingConfig",
+    "TrainConfig",
+    "EvaluationConfig",
+    "DistillConfig",
+    "Config",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "save_config",
+    "apply_overrides",
+]
+
+
+@dataclass
+class DataConfig:
+    """Where the images are, how they are read, split, augmented and batched."""
+
+    path: str | None = None
+    layout: Literal["auto", "ham10000", "folders", "csv"] = "auto"
+    csv_path_column: str = "path"
+    csv_label_column: str = "label"
+    csv_group_column: str | None = None
+    csv_mask_column: str | None = None
+    classes: list[str] | None = None  # fixed class order; None = layout default
+    split_ratios: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+    split_seed: int = 42
+    splits_file: str | None = None  # reuse an existing splits.csv
+    skip_bad: bool = False
+    augmentation: str = "derm"
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    num_workers: int = 2
+    sampler: Literal["none", "balanced", "sqrt"] = "none"
+    cache_dir: str | None = None  # decoded-image cache; None = off
+
+    def __post_init__(self) -> None:
+        if len(self.split_ratios) != 3 or any(r < 0 for r in self.split_ratios) or sum(self.split_ratios) <= 0:
+            raise ConfigError(f"data.split_ratios must be three non-negative numbers, got {self.split_ratios}")
+        _check_positive("data.batch_size", self.batch_size)
+        _check_positive("data.eval_batch_size", self.eval_batch_size)
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class ModelConfig:
+    """The network: any timm backbone name, its weights, and the head."""
+
+    name: str = "efficientnet_lite0"
+    pretrained: bool = False
+    weights: str | None = None  # a local safetensors / state-dict file
+    drop_rate: float = 0.2
+    input_size: list[int] | None = None  # [height, width]; None = the backbone's default
+
+    def __post_init__(self) -> None:
+        if self.input_size is not None:
+            if len(self.input_size) != 2 or any(s <= 0 for s in self.input_size):
+                raise ConfigError(f"model.input_size must be [height, width] > 0, got {self.input_size}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ConfigError(f"model.drop_rate must be in [0, 1), got {self.drop_rate}")
+
+
+@dataclass
+class LossConfig:
+    """A loss chosen by name from :data:`dermlab.losses.LOSSES` with its keyword options."""
+
+    name: str = "cross_entropy"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MixingConfig:
+    """Mixup / CutMix as in reference B: the loss is taken against both labels and mixed by lambda."""
+
+    method: Literal["none", "mixup", "cutmix", "switch"] = "none"
+    mixup_alpha: float = 0.2
+    cutmix_alpha: float = 1.0
+    prob: float = 1.0
+    switch_prob: float = 0.5
+    stop_epochs: int = 0  # no mixing in the last N epochs
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prob <= 1.0:
+            raise ConfigError(f"mixing.prob must be in [0, 1], got {self.prob}")
+
+
+@dataclass
+class TrainConfig:
+    """Two-stage schedule, optimiser, early stopping and the Lightning trainer settings."""
+
+    seed: int = 42
+    stage1_epochs: int = 5
+    stage1_lr: float = 1e-3
+    stage2_epochs: int = 5
+    stage2_lr: float = 1e-4
+    unfreeze: str = "all"  # "all" or the number of last backbone blocks, e.g. "5"
+    optimizer: Literal["adam", "adamw"] = "adamw"
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 0
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    monitor: str = "val/balanced_accuracy"
+    monitor_mode: Literal["max", "min"] = "max"
+    patience: int = 0  # 0 = no early stopping
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    devices: str = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    deterministic: bool = True
+    limit_train_batches: float | None = None
+    limit_val_batches: float | None = None
+    cached_features: bool = True  # stage 1 trains the head on cached pooled features when possible
+    channels_last: bool = False
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("stage1_epochs", "stage2_epochs", "warmup_epochs", "patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("stage1_lr", "stage2_lr"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if self.stage1_epochs + self.stage2_epochs == 0:
+            raise ConfigError("train.stage1_epochs + train.stage2_epochs must be > 0")
+        if self.unfreeze != "all" and not (self.unfreeze.isdigit() and int(self.unfreeze) > 0):
+            raise ConfigError(f"train.unfreeze must be 'all' or a positive number of blocks, got {self.unfreeze!r}")
+
+
+@dataclass
+class EvaluationConfig:
+    """What evaluation reports besides the standard metrics."""
+
+    target_class: str | None = "mel"
+    fixed_specificity: float = 0.8
+    fixed_sensitivity: float = 0.8
+    ece_bins: int = 15
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from one teacher run or from group experts (LFME)."""
+
+    method: Literal["none", "kd", "lfme"] = "none"
+    teachers: list[str] = field(default_factory=list)  # run folders
+    temperature: float = 2.0
+    kd_weight: float = 1.0
+    alpha: float = 0.3
+    curriculum: Literal["none", "instance", "balanced_subset"] = "none"
+    curriculum_fraction: float = 0.5
+    curriculum_shape: Literal["linear", "convex", "concave"] = "linear"
+
+
+@dataclass
+class Config:
+    """The whole run: one section per concern."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+def _check_positive(name: str, value: int | float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: expected one of {list(allowed)}, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(tp) or (Any,)
+        return [_coerce(item, item_type, f"{where}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _dataclass_from_dict(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. unfreeze: 5, devices: 2
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _dataclass_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for key, value in values.items():
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where or 'config'}: {error}") from None
+
+
+def config_from_dict(values: dict[str, Any] | None) -> Config:
+    """Build a checked :class:`Config` from plain data (YAML, a checkpoint)."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(values).__name__}")
+    return _dataclass_from_dict(Config, values, "")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain data (only str, int, float, bool, None, list, dict) for YAML and checkpoints."""
+    return dataclasses.asdict(config)
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config ({error.strerror})") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    try:
+        return config_from_dict(values)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write ``config.yaml`` atomically (a temporary file, then a rename)."""
+    from dermlab.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings (values parsed as YAML) and re-check the whole tree."""
+    values = config_to_dict(config)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        try:
+            parsed = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            parsed = raw
+        node = values
+        for part in parts[:-1]:
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"unknown config key {key}")
+            node = node[part]
+            if node is None:
+                raise ConfigError(f"unknown config key {key}")
+        if not isinstance(node, dict):
+            raise ConfigError(f"unknown config key {key}")
+        if parts[-1] not in node and not (len(parts) >= 2 and parts[-2] == "options"):
+            raise ConfigError(f"unknown config key {key}")
+        node[parts[-1]] = parsed
+    return config_from_dict(values)
