@@ -1,0 +1,56 @@
+"""Preprocessing: a frozen, validated record that survives a JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from dermlab.data.preprocessing import Preprocessing
+from dermlab.errors import ConfigError
+
+
+def test_json_round_trip_and_tuple_coercion() -> None:
+    preprocessing = Preprocessing(input_size=[300, 400], mean=[0.5, 0.5, 0.5], std=(0.25, 0.25, 0.25))
+    assert preprocessing.input_size == (300, 400) and isinstance(preprocessing.mean, tuple)
+    assert (preprocessing.height, preprocessing.width) == (300, 400)
+    data = json.loads(json.dumps(preprocessing.to_dict()))
+    assert data == {
+        "input_size": [300, 400],
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "interpolation": "bicubic",
+        "color_constancy": None,
+    }
+    assert Preprocessing.from_dict(data) == preprocessing
+
+
+def test_frozen() -> None:
+    preprocessing = Preprocessing((224, 224), (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        preprocessing.input_size = (1, 1)  # type: ignore[misc]
+
+
+VALID = {"input_size": [224, 224], "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"input_size": [224], "mean": [0.5] * 3, "std": [0.5] * 3}, "input_size must be 2 numbers"),
+        ({"input_size": [0, 224], "mean": [0.5] * 3, "std": [0.5] * 3}, "two positive integers"),
+        ({"input_size": [224, 224.5], "mean": [0.5] * 3, "std": [0.5] * 3}, "two positive integers"),
+        ({"input_size": [224, 224], "mean": "0.5", "std": [0.5] * 3}, "mean must be 3 numbers"),
+        ({"input_size": [224, 224], "mean": [0.5] * 3, "std": [0.5, 0.0, 0.5]}, "std must be > 0"),
+        ({"input_size": [224, 224], "mean": [0.5, None, 0.5], "std": [0.5] * 3}, "finite numbers"),
+        ({**VALID, "interpolation": "cubic"}, "bicubic"),
+        ({**VALID, "color_constancy": 3}, "color_constancy"),
+        ({**VALID, "crop_pct": 0.9}, "unknown .*crop_pct"),
+        ({"input_size": [224, 224], "mean": [0.5] * 3}, "missing std"),
+        ([224, 224], "must be a mapping"),
+    ],
+)
+def test_invalid_values_are_config_errors(values: object, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        Preprocessing.from_dict(values)  # type: ignore[arg-type]
