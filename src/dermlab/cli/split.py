@@ -1,0 +1,70 @@
+"""``dermlab split DATA --out RUN_DIR``: lesion-grouped, stratified train / val / test to ``splits.csv``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "run"]
+
+_LAYOUT_CHOICES = ("auto", "ham10000", "folders", "csv")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "split",
+        help="write lesion-grouped, class-stratified train/val/test splits to RUN_DIR/splits.csv",
+        description="Split a dataset by group (lesion), stratified by class and deterministic from the seed. "
+        "A test folder shipped with the dataset stays the test set.",
+    )
+    parser.add_argument("data", metavar="DATA", help="dataset folder or CSV file")
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder that receives splits.csv")
+    parser.add_argument(
+        "--ratios", type=float, nargs=3, default=[0.6, 0.2, 0.2], metavar=("TRAIN", "VAL", "TEST"),
+        help="split proportions (default: 0.6 0.2 0.2)",
+    )
+    parser.add_argument("--seed", type=int, default=42, help="split seed (default: 42)")
+    parser.add_argument(
+        "--layout", choices=_LAYOUT_CHOICES, default="auto", help="dataset layout (default: auto)"
+    )
+    parser.add_argument(
+        "--skip-bad", action="store_true", help="decode every image first; leave out bad images and rows"
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from dermlab.config import DataConfig
+    from dermlab.data.datasets import load_dataset
+    from dermlab.data.splits import SPLITS_FILE, create_splits, save_splits, split_count_table
+
+    config = DataConfig(
+        layout=args.layout, skip_bad=args.skip_bad, split_ratios=list(args.ratios), split_seed=args.seed
+    )
+    table = load_dataset(args.data, config)  # decodes every image when --skip-bad
+    splits = create_splits(table, config.split_ratios, seed=config.split_seed)
+    path = save_splits(table, splits, Path(args.out) / SPLITS_FILE)
+
+    counts = split_count_table(table, splits)
+    shares = counts.drop(index="total").div(counts.loc["total"].replace(0, 1), axis=1) * 100
+    gaps = shares[["train", "val", "test"]].sub(shares["total"], axis=0).abs().max()
+    console = Console(soft_wrap=True)  # long paths stay on one line
+    view = Table(title=f"images per class and split ({table.layout}, seed {config.split_seed})")
+    view.add_column("class")
+    for column in counts.columns:
+        view.add_column(column, justify="right")
+    for name, row in counts.iterrows():
+        view.add_row(str(name), *(str(int(v)) for v in row), end_section=name == table.classes[-1])
+    total = counts.loc["total", "total"]
+    view.add_row("share", *(f"{100 * counts.loc['total', c] / total:.1f}%" for c in counts.columns))
+    view.add_row("max class-share gap", *(f"{gaps[c]:.2f} pt" for c in ("train", "val", "test")), "")
+    console.print(view)
+    groups = table.frame["group"].nunique()
+    console.print(f"{groups} groups, none in two splits; wrote {path}")
+    for message in table.skipped:
+        console.print(f"skipped: {message}", markup=False, highlight=False)
+    return 0
