@@ -133,6 +133,8 @@ class TrainConfig:
     limit_train_batches: float | None = None
     limit_val_batches: float | None = None
     cached_features: bool = True  # stage 1 trains the head on cached pooled features when possible
+    feature_views: int = 4  # augmented views cached per training image for stage 1 (1 when augmentation is "none")
+    stage2_batch_size: int | None = None  # None = data.batch_size
     channels_last: bool = False
     compile: bool = False
 
@@ -140,6 +142,10 @@ class TrainConfig:
         for name in ("stage1_epochs", "stage2_epochs", "warmup_epochs", "patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.feature_views <= 0:
+            raise ConfigError(f"train.feature_views must be > 0, got {self.feature_views}")
+        if self.stage2_batch_size is not None and self.stage2_batch_size <= 0:
+            raise ConfigError(f"train.stage2_batch_size must be > 0, got {self.stage2_batch_size}")
         for name in ("stage1_lr", "stage2_lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")

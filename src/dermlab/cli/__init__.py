@@ -50,10 +50,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keep the terminal for dermlab's own output: Lightning's banners and known-harmless warnings go."""
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in (
+        r".*module\(s\) in eval mode.*",  # frozen BatchNorm layers are in eval mode on purpose
+        r".*isinstance\(treespec, LeafSpec\).*",
+        r".*smaller than the logging interval.*",
+        r".*does not have many workers.*",
+        r".*exists and is not empty.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:
+        _quiet_libraries()
     try:
         return int(args.handler(args) or 0)
     except DermlabError as error:

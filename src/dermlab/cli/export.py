@@ -1,0 +1,36 @@
+"""``dermlab export``: the model of a run as ONNX, with its preprocessing in the metadata."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a run's model to ONNX (classes and preprocessing stored in its metadata)",
+        description="Writes model.onnx (input: normalised float32 batch N x 3 x H x W, output: logits) and "
+        "model.onnx.json with the classes, mean, std, input size, interpolation, model id and temperature. "
+        "`dermlab predict/serve --engine onnx` run it with onnxruntime.",
+    )
+    parser.add_argument("run", help="run folder or checkpoint file")
+    parser.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default onnx)")
+    parser.add_argument("--out", help="output file (default RUN/export/model.onnx)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dermlab.models.checkpoint import load_checkpoint
+    from dermlab.serving.onnx_export import export_onnx
+
+    loaded = load_checkpoint(args.run)
+    checkpoint = loaded.path
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    out = Path(args.out) if args.out else run_dir / "export" / "model.onnx"
+    export_onnx(loaded, out, opset=args.opset)
+    print(f"wrote {out} and {out.name}.json (model {loaded.model_id}, opset {args.opset}, checked against torch)")
+    return 0

@@ -1,0 +1,131 @@
+"""Checkpoints that carry everything needed to rebuild a model: config, classes and preprocessing.
+
+Loading never executes code: ``torch.load(..., weights_only=True)`` only accepts tensors and plain data.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dermlab.config import Config, config_from_dict
+from dermlab.data.preprocessing import Preprocessing
+from dermlab.errors import CheckpointError, ConfigError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LoadedModel",
+    "load_checkpoint",
+    "save_checkpoint",
+    "resolve_checkpoint_path",
+    "checkpoint_metadata",
+]
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LoadedModel:
+    """A network rebuilt from a checkpoint, in eval mode, with what it needs to preprocess its inputs."""
+
+    model: nn.Module
+    classes: list[str]
+    preprocessing: Preprocessing
+    config: Config
+    path: Path
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.config.model.name}:{self.path.parent.parent.name if self.path.parent.name == 'checkpoints' else self.path.stem}"
+
+
+def checkpoint_metadata(config: Config, classes: list[str], preprocessing: Preprocessing, **extras: Any) -> dict:
+    """The ``checkpoint["dermlab"]`` entry: plain data only, so ``weights_only=True`` can read it back."""
+    from dermlab.config import config_to_dict
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "config": config_to_dict(config),
+        "classes": list(classes),
+        "preprocessing": preprocessing.to_dict(),
+        **extras,
+    }
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    config: Config,
+    classes: list[str],
+    preprocessing: Preprocessing,
+    **extras: Any,
+) -> Path:
+    """Write a minimal dermlab checkpoint (the same keys a training run's checkpoints hold), atomically."""
+    from dermlab.io import atomic_save
+
+    path = Path(path)
+    payload = {
+        "state_dict": {f"model.{key}": value.detach().cpu() for key, value in model.state_dict().items()},
+        "dermlab": checkpoint_metadata(config, classes, preprocessing, **extras),
+    }
+    atomic_save(path, lambda tmp: torch.save(payload, tmp))
+    return path
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A run folder resolves to its best checkpoint (else its last); a file is taken as it is."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "best.ckpt", path / "checkpoints" / "last.ckpt", path / "best.ckpt"):
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(f"{path}: no checkpoints/best.ckpt or checkpoints/last.ckpt in this run folder")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint or run folder")
+    return path
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
+        raise CheckpointError(f"{path}: refused to load, the file holds more than weights ({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
+    if not isinstance(checkpoint, dict) or "dermlab" not in checkpoint or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path}: not a dermlab checkpoint (no 'dermlab' metadata or 'state_dict')")
+    return checkpoint
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the network of a run folder or checkpoint file, strictly, in eval mode."""
+    from dermlab.models.factory import create_model
+
+    path = resolve_checkpoint_path(path)
+    checkpoint = _read_checkpoint(path)
+    meta = checkpoint["dermlab"]
+    try:
+        config = config_from_dict(meta["config"])
+        classes = [str(c) for c in meta["classes"]]
+        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+    except (KeyError, ConfigError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: damaged dermlab metadata ({error})") from None
+    model_config = config.model
+    # the weights come from the checkpoint: never reach for the hub, a package or a weights file again
+    model = create_model(model_config, len(classes), load_weights=False)
+    state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: weights do not match {model_config.name} ({str(error).splitlines()[0]})") from None
+    model.eval().to(map_location)
+    extras = {k: v for k, v in meta.items() if k not in {"config", "classes", "preprocessing", "format_version"}}
+    return LoadedModel(model, classes, preprocessing, config, path, extras)
+

@@ -1,0 +1,114 @@
+"""Stage 1 from cached features: with the backbone frozen, its pooled features are computed once.
+
+Exact when augmentation is off (one view); otherwise ``views`` augmented views per training image are cached
+and the epochs cycle through them, so stage 1 costs ``views`` backbone passes instead of one per epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dermlab.data.datamodule import ImageDataset, KeyedSampler, draw_seed
+from dermlab.io import atomic_save
+
+__all__ = ["compute_features", "load_or_compute_features", "FeatureDataset", "ViewCyclingSampler"]
+
+
+@torch.inference_mode()
+def compute_features(
+    model: nn.Module,
+    frame: pd.DataFrame,
+    classes: Sequence[str],
+    transform: Callable[[Any], torch.Tensor],
+    *,
+    views: int = 1,
+    seed: int = 0,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Pooled backbone features of every row, shape ``(views, N, F)``; view ``v`` is seeded by ``(seed, v)``."""
+    dataset = ImageDataset(frame, classes, transform)
+    was_training = model.training
+    model.eval().to(device)
+    outputs = []
+    for view in range(views):
+        sampler = KeyedSampler(range(len(dataset)), seed=draw_seed(seed, 2, view))
+        sampler.set_epoch(0)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
+        chunks = [model.forward_features(images.to(device)).float().cpu() for images, _ in loader]
+        outputs.append(torch.cat(chunks) if chunks else torch.empty(0, model.num_features))
+    model.train(was_training)
+    return torch.stack(outputs)
+
+
+def _cache_key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def load_or_compute_features(cache_dir: Path, key_parts: dict[str, Any], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Reuse ``cache_dir/<key>.pt`` when its key matches (model, weights, preprocessing, images, views)."""
+    path = Path(cache_dir) / f"features-{_cache_key(key_parts)}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)["features"]
+        except Exception:  # a damaged cache is recomputed, never trusted
+            path.unlink(missing_ok=True)
+    features = compute()
+    atomic_save(path, lambda tmp: torch.save({"features": features}, tmp))
+    return features
+
+
+class FeatureDataset(Dataset):
+    """``(features, label)`` pairs over a ``(views, N, F)`` tensor, indexed flat as ``view * N + i``."""
+
+    def __init__(self, features: torch.Tensor, labels: Sequence[int]) -> None:
+        if features.dim() == 2:
+            features = features.unsqueeze(0)
+        self.features = features
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
+        self.num_items = features.shape[1]
+
+    def __len__(self) -> int:
+        return self.features.shape[0] * self.num_items
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        view, item = divmod(int(index), self.num_items)
+        return self.features[view, item], self.labels[item]
+
+
+class ViewCyclingSampler(Sampler[int]):
+    """Epoch ``e`` draws the images of ``base`` (or a seeded permutation) in view ``e % views``."""
+
+    def __init__(self, num_items: int, views: int, seed: int = 0, base: Sampler[int] | None = None) -> None:
+        self.num_items = num_items
+        self.views = views
+        self.seed = seed
+        self.base = base
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.base is not None and hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base) if self.base is not None else self.num_items  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[int]:
+        offset = (self.epoch % self.views) * self.num_items
+        if self.base is not None:
+            order = list(self.base)
+        else:
+            generator = torch.Generator().manual_seed(draw_seed(self.seed, 3, self.epoch))
+            order = torch.randperm(self.num_items, generator=generator).tolist()
+        return iter([offset + int(i) for i in order])

@@ -1,0 +1,162 @@
+"""The LightningModule: it receives its network and loss, and owns metrics and the optimisation schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAUROC, MulticlassStatScores
+
+from dermlab.data.datamodule import draw_seed
+
+__all__ = ["ClassifierModule", "cosine_with_warmup"]
+
+
+def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Learning-rate factor: linear warmup to 1, then cosine annealing to 0 at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class ClassifierModule(L.LightningModule):
+    """Trains ``model`` (a :class:`~dermlab.models.factory.DermClassifier`) with ``loss``.
+
+    ``features_input=True`` means batches hold pooled backbone features (cached stage 1) and only the head runs.
+    ``mixer`` (from :mod:`dermlab.training.mixing`) mixes images and the loss is mixed by lambda.
+    ``metadata`` is stored in every checkpoint under ``"dermlab"`` (config, classes, preprocessing).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: nn.Module,
+        classes: Sequence[str],
+        *,
+        lr: float = 1e-3,
+        optimizer: str = "adamw",
+        weight_decay: float = 1e-4,
+        scheduler: str = "cosine",
+        warmup_epochs: int = 0,
+        mixer: Callable[..., Any] | None = None,
+        mixed_loss: Callable[..., torch.Tensor] | None = None,
+        features_input: bool = False,
+        seed: int = 0,
+        metadata: dict[str, Any] | None = None,
+        frozen_backbone: bool = False,
+        epoch_offset: int = 0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.classes = list(classes)
+        self.lr = lr
+        self.optimizer_name = optimizer
+        self.weight_decay = weight_decay
+        self.scheduler_name = scheduler
+        self.warmup_epochs = warmup_epochs
+        self.mixer = mixer
+        self.mixed_loss = mixed_loss
+        self.features_input = features_input
+        self.seed = seed
+        self.metadata = metadata or {}
+        self.frozen_backbone = frozen_backbone
+        self.epoch_offset = epoch_offset  # stage 2 continues the epoch count of stage 1 in the logs
+        num_classes = len(self.classes)
+        self.val_stats = MulticlassStatScores(num_classes=num_classes, average=None)
+        self.val_auroc = MulticlassAUROC(num_classes=num_classes, average=None)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.features_input:
+            return self.model.forward_head(inputs)
+        return self.model(inputs)
+
+    def on_train_epoch_start(self) -> None:
+        if hasattr(self.loss, "set_epoch"):  # e.g. LDAM-DRW switches on its re-weighting at a given epoch
+            self.loss.set_epoch(self.epoch_offset + self.current_epoch)
+        if self.frozen_backbone and not self.features_input:
+            from dermlab.models.freezing import set_frozen_batchnorm_eval
+
+            set_frozen_batchnorm_eval(self.model)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # dropout and mixing draw from the global generator: key it to the step so a resumed run repeats them
+        torch.manual_seed(draw_seed(self.seed, 1, self.global_step))
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        mixing_active = self.mixer is not None and self.mixed_loss is not None
+        if mixing_active and hasattr(self.mixer, "active"):
+            mixing_active = bool(self.mixer.active(self.current_epoch, self.trainer.max_epochs))
+        if mixing_active:
+            mixed = self.mixer(inputs, targets)
+            logits = self(mixed.images)
+            loss = self.mixed_loss(self.loss, logits, mixed)
+        else:
+            logits = self(inputs)
+            loss = self.loss(logits, targets)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets), sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        inputs, targets = batch
+        logits = self(inputs)
+        loss = nn.functional.cross_entropy(logits.float(), targets)
+        probabilities = logits.float().softmax(dim=1)
+        self.val_stats.update(probabilities, targets)
+        self.val_auroc.update(probabilities, targets)
+        self.log("val/loss", loss, on_step=False, on_epoch=True, batch_size=len(targets), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        stats = self.val_stats.compute()  # (C, 5): tp, fp, tn, fn, support
+        tp, fp, _, fn, support = stats.float().unbind(dim=1)
+        present = support > 0
+        recall = torch.where(present, tp / support.clamp(min=1), torch.zeros_like(tp))
+        precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), torch.zeros_like(tp))
+        f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), torch.zeros_like(tp))
+        total = support.sum().clamp(min=1)
+        balanced = recall[present].mean() if present.any() else torch.tensor(0.0)
+        auroc = self.val_auroc.compute()
+        has_negatives = support < total
+        auc_ok = present & has_negatives
+        macro_auc = auroc[auc_ok].mean() if auc_ok.any() else torch.tensor(float("nan"))
+        self.log_dict(
+            {
+                "val/accuracy": tp.sum() / total,
+                "val/balanced_accuracy": balanced,
+                "val/f1_macro": f1[present].mean() if present.any() else torch.tensor(0.0),
+                "val/auc_macro": macro_auc,
+                "run_epoch": float(self.epoch_offset + self.current_epoch),
+            },
+            prog_bar=True,
+        )
+        self.val_stats.reset()
+        self.val_auroc.reset()
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        if self.optimizer_name == "adam":
+            optimizer = torch.optim.Adam(parameters, lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
+        if self.scheduler_name == "constant":
+            return optimizer
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
+        warmup_steps = self.warmup_epochs * steps_per_epoch
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: cosine_with_warmup(step, total_steps, warmup_steps)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dermlab"] = dict(self.metadata)

@@ -1,0 +1,128 @@
+"""End-to-end training on tiny fake datasets: loss falls, stage 1 freezes, resume, run folder, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from dermlab.config import Config, apply_overrides
+from dermlab.errors import ConfigError
+from dermlab.models.checkpoint import load_checkpoint
+from dermlab.models.factory import create_model
+from dermlab.training.run import train_run
+
+TINY = ["model.name=test_efficientnet", "model.input_size=[32,32]", "data.num_workers=0", "data.batch_size=8"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DERMLAB_PROGRESS", "0")
+
+
+def _config(data: Path, *overrides: str) -> Config:
+    return apply_overrides(Config(), [f"data.path={data}", *TINY, *overrides])
+
+
+def _epoch_losses(run_dir: Path) -> list[float]:
+    frame = pd.read_csv(run_dir / "logs" / "metrics.csv")
+    rows = frame.dropna(subset=["train/loss"])
+    return rows["train/loss"].tolist()
+
+
+def test_tiny_model_trains_and_loss_falls(ham_dir: Path, tmp_path: Path) -> None:
+    config = _config(ham_dir, "train.stage1_epochs=0", "train.stage2_epochs=4", "train.stage2_lr=0.01",
+                     "data.augmentation=none", "train.scheduler=constant")
+    result = train_run(config, tmp_path / "run")
+    losses = _epoch_losses(tmp_path / "run")
+    assert len(losses) == 4
+    assert losses[-1] < losses[0]
+    assert result.best_checkpoint.is_file()
+
+
+def test_run_folder_holds_config_splits_and_self_describing_checkpoints(ham_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train_run(_config(ham_dir, "train.stage1_epochs=1", "train.stage2_epochs=1"), run)
+    for name in ("config.yaml", "classes.json", "splits.csv", "checkpoints/best.ckpt", "checkpoints/last.ckpt", "logs/metrics.csv"):
+        assert (run / name).is_file(), name
+    assert (run / "logs" / "tensorboard").is_dir()
+    checkpoint = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    meta = checkpoint["dermlab"]
+    assert meta["classes"] == json.loads((run / "classes.json").read_text())
+    assert meta["preprocessing"]["input_size"] == [32, 32]
+    assert meta["config"]["model"]["name"] == "test_efficientnet"
+    loaded = load_checkpoint(run)
+    assert loaded.classes == meta["classes"]
+    splits = pd.read_csv(run / "splits.csv")
+    assert set(splits["split"]) == {"train", "val", "test"}
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_stage1_leaves_every_backbone_parameter_unchanged(ham_dir: Path, tmp_path: Path, cached: bool) -> None:
+    config = _config(ham_dir, "train.stage1_epochs=2", "train.stage2_epochs=0", f"train.cached_features={str(cached).lower()}")
+    initial = create_model(config.model, 7)
+    weights = tmp_path / "init.pt"
+    torch.save(initial.backbone.state_dict(), weights)
+    config = apply_overrides(config, [f"model.weights={weights}"])
+    train_run(config, tmp_path / "run")
+    trained = load_checkpoint(tmp_path / "run").model
+    before = initial.backbone.state_dict()
+    for name, value in trained.backbone.state_dict().items():
+        assert torch.equal(value, before[name]), name  # weights and BatchNorm running statistics
+    assert not torch.equal(trained.head.weight, initial.head.weight)
+
+
+def test_cached_features_are_reused_across_runs(ham_dir: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    config = _config(ham_dir, "train.stage1_epochs=1", "train.stage2_epochs=0", f"data.cache_dir={cache}", "train.feature_views=2")
+    train_run(config, tmp_path / "a")
+    files = sorted((cache / "features").glob("*.pt"))
+    assert len(files) == 2  # train (2 views) and val
+    stamps = [f.stat().st_mtime_ns for f in files]
+    train_run(config, tmp_path / "b")
+    assert [f.stat().st_mtime_ns for f in sorted((cache / "features").glob("*.pt"))] == stamps
+    train_features = max(files, key=lambda f: f.stat().st_size)
+    assert torch.load(train_features, weights_only=True)["features"].shape[0] == 2
+
+
+def test_resume_continues_at_the_right_epoch_and_step(ham_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    config = _config(ham_dir, "train.stage1_epochs=1", "train.stage2_epochs=2")
+    train_run(config, run)
+    steps_per_epoch = json.loads((run / "checkpoints/stage2/done.json").read_text())["global_step"] // 2
+    # as if killed after epoch 2 of 3 was saved: the stage is not marked done and wants one more epoch
+    (run / "checkpoints/stage2/done.json").unlink()
+    longer = apply_overrides(config, ["train.stage2_epochs=3"])
+    with pytest.raises(ConfigError, match="--resume"):
+        train_run(longer, run)
+    train_run(longer, run, resume=True)
+    done = json.loads((run / "checkpoints/stage2/done.json").read_text())
+    assert done["epochs"] == 3
+    assert done["global_step"] == 3 * steps_per_epoch
+    logged = pd.read_csv(run / "logs" / "metrics.csv")
+    run_epochs = sorted(set(logged["run_epoch"].dropna().astype(int)))
+    assert run_epochs == [0, 1, 2, 3]  # stage 1 epoch 0, stage 2 epochs 0 and 1, and (after resume) 2
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_gives_a_valid_run_folder(ham_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "dermlab", "train", str(ham_dir), "--out", str(run),
+        "--model", "test_efficientnet", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+        "--set", "model.input_size=[32,32]", "--set", "data.num_workers=0", "--set", "data.batch_size=4",
+        "--set", "train.stage1_epochs=1", "--set", "train.stage2_epochs=1",
+    ]
+    env = {**os.environ, "DERMLAB_PROGRESS": "0", "PL_DISABLE_FORK": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"val", "test"} <= set(metrics)
+    assert load_checkpoint(run).classes == json.loads((run / "classes.json").read_text())
+    assert "world_size=2" in completed.stderr or "distributed_backend=gloo" in completed.stderr
