@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     atomic_save(out, lambda tmp: table.to_csv(tmp, index=False))
     note = f", {skipped} skipped" if skipped else ""
-    print(f"wrote {out} ({len(results)} images{note}; model {predictor.model_id}, {predictor.engine})")
+    count = f"{len(results)} image{'' if len(results) == 1 else 's'}"
+    print(f"wrote {out} ({count}{note}; model {predictor.model_id}, {predictor.engine})")
     return 0
 
 

@@ -51,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {predictor.model_id} ({predictor.engine}) at http://{shown}:{args.port}/  (research tool, not a medical device)")
+    print(
+        f"serving {predictor.model_id} ({predictor.engine}) at http://{shown}:{args.port}/ "
+        "(research tool, not a medical device)"
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -1,0 +1,346 @@
+"""Inference from a checkpoint alone (or its ONNX export): preprocessing, batching, TTA, temperature, Grad-CAM.
+
+A :class:`Predictor` is shared by every request of the web app, so each call into the network holds a lock:
+concurrent callers are served one batch at a time and never race on the model (or on Grad-CAM's hooks).
+Image decoding and preprocessing happen outside the lock.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dermlab.data.images import read_image
+from dermlab.data.preprocessing import Preprocessing
+from dermlab.data.transforms import create_transform
+from dermlab.errors import CheckpointError, ConfigError, DataError
+from dermlab.models.checkpoint import LoadedModel
+from dermlab.registry import Registry
+
+__all__ = [
+    "ENGINES",
+    "TTA_VIEWS",
+    "DEFAULT_TTA_VIEWS",
+    "PathPrediction",
+    "Predictor",
+    "OnnxPredictor",
+    "resolve_onnx_path",
+]
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("torch", "onnx")
+
+#: Test-time augmentation views by name: ``view(batch (N, 3, H, W)) -> batch`` on the normalised input.
+#: Probabilities are averaged over the chosen views. Register more (rotations, crops) here.
+TTA_VIEWS: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("TTA view")
+TTA_VIEWS.add("identity", lambda batch: batch)
+TTA_VIEWS.add("hflip", lambda batch: torch.flip(batch, dims=[-1]))
+TTA_VIEWS.add("vflip", lambda batch: torch.flip(batch, dims=[-2]))
+
+DEFAULT_TTA_VIEWS = ("identity", "hflip", "vflip")
+"""The views ``tta=True`` uses."""
+
+_OVERLAY_MAX_SIDE = 512  # Grad-CAM overlays are returned at most this large (keeps responses small)
+
+
+@dataclass(frozen=True)
+class PathPrediction:
+    """One image file's class probabilities, in the predictor's class order."""
+
+    path: Path
+    probabilities: np.ndarray
+
+
+def _resolve_tta(tta: bool | Sequence[str]) -> tuple[str, ...]:
+    if tta is True:
+        views: tuple[str, ...] = DEFAULT_TTA_VIEWS
+    elif tta is False or tta is None:
+        views = ("identity",)
+    else:
+        views = tuple(tta)
+    if not views:
+        raise ConfigError("tta needs at least one view (e.g. identity)")
+    for name in views:
+        TTA_VIEWS.get(name)  # unknown names raise, listing the valid ones
+    return views
+
+
+def _resolve_temperature(value: Any, source: str) -> float:
+    if value is None:
+        return 1.0
+    try:
+        temperature = float(value)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{source}: temperature must be a number, got {value!r}") from None
+    if not np.isfinite(temperature) or temperature <= 0:
+        raise CheckpointError(f"{source}: temperature must be > 0, got {value!r}")
+    return temperature
+
+
+class Predictor:
+    """Class probabilities (and Grad-CAM overlays) for PIL images, with the checkpoint's own preprocessing.
+
+    >>> predictor = Predictor.from_path("runs/exp1")          # run folder or .ckpt (or engine="onnx")
+    >>> predictor.predict_images([image])                       # (1, num_classes) probabilities
+    """
+
+    engine = "torch"
+
+    def __init__(self, loaded: LoadedModel, *, tta: bool | Sequence[str] = False, batch_size: int = 32) -> None:
+        self.loaded = loaded
+        self._model = loaded.model.eval()
+        self._device = next(iter(loaded.model.parameters()), torch.empty(0)).device
+        self._setup(
+            classes=loaded.classes,
+            preprocessing=loaded.preprocessing,
+            model_id=loaded.model_id,
+            temperature=_resolve_temperature(loaded.extras.get("temperature"), str(loaded.path)),
+            tta=tta,
+            batch_size=batch_size,
+        )
+
+    def _setup(
+        self,
+        *,
+        classes: Sequence[str],
+        preprocessing: Preprocessing,
+        model_id: str,
+        temperature: float,
+        tta: bool | Sequence[str],
+        batch_size: int,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self.classes: list[str] = list(classes)
+        self.preprocessing = preprocessing
+        self.model_id = model_id
+        self.temperature = temperature
+        self.tta_views = _resolve_tta(tta)
+        self.batch_size = batch_size
+        self._transform = create_transform("none", preprocessing, train=False)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_path(
+        cls,
+        path: str | Path,
+        engine: str = "torch",
+        *,
+        tta: bool | Sequence[str] = False,
+        batch_size: int = 32,
+    ) -> Predictor:
+        """A predictor for a run folder or checkpoint (``engine="torch"``), or an ONNX export (``"onnx"``).
+
+        With ``engine="onnx"``, ``path`` is a ``.onnx`` file or a run folder holding ``export/model.onnx``.
+        """
+        if engine == "torch":
+            from dermlab.models.checkpoint import load_checkpoint
+
+            if Path(path).suffix == ".onnx":
+                raise ConfigError(f"{path}: an ONNX file needs --engine onnx")
+            return cls(load_checkpoint(path), tta=tta, batch_size=batch_size)
+        if engine == "onnx":
+            return OnnxPredictor(resolve_onnx_path(path), tta=tta, batch_size=batch_size)
+        raise ConfigError(f"unknown engine {engine!r}; valid engines: {', '.join(ENGINES)}")
+
+    # ------------------------------------------------------------------------------------------- inference
+
+    @property
+    def can_explain(self) -> bool:
+        """Whether :meth:`explain` works (Grad-CAM needs the torch network)."""
+        return True
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Normalised float batch ``(N, 3, H, W)`` of RGB PIL images."""
+        return torch.stack([self._transform(image.convert("RGB")) for image in images])
+
+    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """Raw network outputs for a preprocessed batch. Called with the lock held."""
+        with torch.inference_mode():
+            return self._model(batch.to(self._device)).float().cpu()
+
+    def predict_tensor(self, batch: torch.Tensor) -> np.ndarray:
+        """Probabilities ``(N, C)`` of a preprocessed batch: TTA views averaged, temperature applied."""
+        total = torch.zeros(batch.shape[0], len(self.classes), dtype=torch.float64)
+        for name in self.tta_views:
+            view = TTA_VIEWS.get(name)(batch)
+            with self._lock:
+                logits = self._logits(view)
+            total += torch.softmax(logits.double() / self.temperature, dim=1)
+        return (total / len(self.tta_views)).float().numpy()
+
+    def predict_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Class probabilities ``(N, C)`` (rows sum to 1) for PIL images, in batches of ``batch_size``."""
+        outputs = [
+            self.predict_tensor(self.preprocess(images[start : start + self.batch_size]))
+            for start in range(0, len(images), self.batch_size)
+        ]
+        if not outputs:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        return np.concatenate(outputs)
+
+    def predict_paths(
+        self,
+        paths: Iterable[str | Path],
+        batch_size: int | None = None,
+        on_error: Callable[[Path, DataError], None] | None = None,
+    ) -> Iterator[PathPrediction]:
+        """Yield one :class:`PathPrediction` per readable file, in order; unreadable files are skipped.
+
+        Each unreadable file is passed to ``on_error(path, error)`` (default: a logged warning), so one bad
+        file never stops the batch.
+        """
+        size = batch_size or self.batch_size
+        pending: list[tuple[Path, Image.Image]] = []
+        for raw in paths:
+            path = Path(raw)
+            try:
+                pending.append((path, read_image(path)))
+            except DataError as error:
+                (on_error or _log_error)(path, error)
+                continue
+            if len(pending) >= size:
+                yield from self._flush(pending)
+                pending = []
+        if pending:
+            yield from self._flush(pending)
+
+    def _flush(self, pending: list[tuple[Path, Image.Image]]) -> Iterator[PathPrediction]:
+        probabilities = self.predict_tensor(self.preprocess([image for _, image in pending]))
+        for (path, _), row in zip(pending, probabilities):
+            yield PathPrediction(path, row)
+
+    # ------------------------------------------------------------------------------------------- explanation
+
+    def class_index(self, target: str | int | None) -> int | None:
+        """Index of a class given by name or index; ``None`` stays ``None``. Unknown classes raise."""
+        if target is None:
+            return None
+        if isinstance(target, int) and not isinstance(target, bool):
+            if 0 <= target < len(self.classes):
+                return target
+        elif isinstance(target, str) and target in self.classes:
+            return self.classes.index(target)
+        raise ConfigError(f"unknown class {target!r}; valid classes: {', '.join(self.classes)}")
+
+    def explain(self, image: Image.Image, target: str | int | None = None, method: str = "gradcam") -> bytes:
+        """PNG bytes of the CAM of ``target`` (default: the predicted class) blended over ``image``.
+
+        The overlay keeps the image's aspect ratio, at most 512 px on its longer side.
+        """
+        from dermlab.explain.gradcam import CamExplainer, overlay_cam
+
+        index = self.class_index(target)
+        batch = self.preprocess([image])
+        with self._lock:  # hooks are registered and released within one call, never shared
+            with CamExplainer(self._model, method=method) as cam:
+                maps = cam(batch.to(self._device), targets=None if index is None else [index])
+        shown = image.convert("RGB")
+        shown.thumbnail((_OVERLAY_MAX_SIDE, _OVERLAY_MAX_SIDE))
+        overlay = overlay_cam(shown, maps[0])
+        buffer = io.BytesIO()
+        Image.fromarray(overlay).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+def _log_error(path: Path, error: DataError) -> None:
+    log.warning("skipped %s", error)
+
+
+# ----------------------------------------------------------------------------------------------- ONNX engine
+
+
+def resolve_onnx_path(path: str | Path) -> Path:
+    """A ``.onnx`` file as it is; a run folder (or a checkpoint inside one) resolves to ``export/model.onnx``."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".onnx":
+        return path
+    if path.is_dir():
+        run_dir = path
+    elif path.is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    else:
+        raise CheckpointError(f"{path}: no such ONNX file or run folder")
+    candidate = run_dir / "export" / "model.onnx"
+    if not candidate.is_file():
+        raise CheckpointError(
+            f"{path}: no {candidate.relative_to(run_dir)} here; create it with `dermlab export {run_dir} --format onnx`"
+        )
+    return candidate
+
+
+class OnnxPredictor(Predictor):
+    """The same predictor on an ONNX export, run with onnxruntime on the CPU.
+
+    Preprocessing, classes, model id and temperature come from the model's ``metadata_props["dermlab"]``.
+    Grad-CAM is not available (it needs the torch network's gradients).
+    """
+
+    engine = "onnx"
+
+    def __init__(self, path: str | Path, *, tta: bool | Sequence[str] = False, batch_size: int = 32) -> None:
+        import onnxruntime
+
+        self.path = Path(path)
+        try:
+            options = onnxruntime.SessionOptions()
+            options.log_severity_level = 3
+            self._session = onnxruntime.InferenceSession(
+                str(self.path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"{self.path}: not a loadable ONNX model ({reason})") from None
+        metadata = self._read_metadata()
+        self._input_name = self._session.get_inputs()[0].name
+        try:
+            preprocessing = Preprocessing.from_dict(metadata["preprocessing"])
+            classes = [str(name) for name in metadata["classes"]]
+            model_id = str(metadata.get("model_id") or self.path.stem)
+        except (KeyError, TypeError, ValueError, ConfigError) as error:
+            raise CheckpointError(f"{self.path}: damaged dermlab metadata ({error})") from None
+        self._setup(
+            classes=classes,
+            preprocessing=preprocessing,
+            model_id=model_id,
+            temperature=_resolve_temperature(metadata.get("temperature"), str(self.path)),
+            tta=tta,
+            batch_size=batch_size,
+        )
+
+    def _read_metadata(self) -> dict[str, Any]:
+        props = self._session.get_modelmeta().custom_metadata_map
+        if "dermlab" not in props:
+            raise CheckpointError(f"{self.path}: no dermlab metadata; export it with `dermlab export RUN --format onnx`")
+        try:
+            metadata = json.loads(props["dermlab"])
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{self.path}: damaged dermlab metadata ({error})") from None
+        if not isinstance(metadata, dict):
+            raise CheckpointError(f"{self.path}: damaged dermlab metadata (not a JSON object)")
+        return metadata
+
+    @property
+    def can_explain(self) -> bool:
+        return False
+
+    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
+        (logits,) = self._session.run(None, {self._input_name: array})
+        return torch.from_numpy(np.asarray(logits, dtype=np.float32))
+
+    def explain(self, image: Image.Image, target: str | int | None = None, method: str = "gradcam") -> bytes:
+        raise ConfigError("Grad-CAM needs the torch engine; serve or explain the checkpoint, not the ONNX export")
