@@ -23,6 +23,7 @@ _COMMAND_MODULES = [
     "evaluate",
     "compare",
     "experiment",
+    "distill",
     "explain",
     "predict",
     "serve",
@@ -50,10 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
+_TRAINING_COMMANDS = {"train", "experiment", "distill"}
+
+
+def _quiet_libraries(import_lightning: bool) -> None:
     """Keep the terminal for dermlab's own output: Lightning's banners and known-harmless warnings go."""
     import warnings
 
+    if import_lightning:
+        import lightning.pytorch  # noqa: F401  (it sets its own log level on import: set ours after it)
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.WARNING)
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in (
@@ -71,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     if not args.verbose:
-        _quiet_libraries()
+        _quiet_libraries(import_lightning=args.command in _TRAINING_COMMANDS)
     try:
         return int(args.handler(args) or 0)
     except DermlabError as error:
