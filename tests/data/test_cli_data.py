@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import write_jpeg
+from fakes import write_jpeg
 from dermlab.cli import main
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import FOLDER_CLASSES, HAM_CLASSES, write_jpeg
+from fakes import FOLDER_CLASSES, HAM_CLASSES, write_jpeg
 from dermlab.config import DataConfig
 from dermlab.data.datasets import HAM10000_CLASSES, LAYOUTS, detect_layout, load_dataset
 from dermlab.errors import ConfigError, DataError

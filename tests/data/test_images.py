@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_jpeg
+from fakes import write_jpeg
 from dermlab.data.images import open_image_bytes, read_image
 from dermlab.errors import DataError
 

@@ -22,6 +22,8 @@ def test_json_round_trip_and_tuple_coercion() -> None:
         "std": [0.25, 0.25, 0.25],
         "interpolation": "bicubic",
         "color_constancy": None,
+        "color_constancy_p": 6.0,
+        "resize_mode": "squash",
     }
     assert Preprocessing.from_dict(data) == preprocessing
 

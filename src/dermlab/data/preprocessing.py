@@ -9,17 +9,23 @@ from typing import Any
 
 from dermlab.errors import ConfigError
 
-__all__ = ["INTERPOLATIONS", "Preprocessing"]
+__all__ = ["INTERPOLATIONS", "RESIZE_MODES", "Preprocessing"]
 
 # The resampling filters torchvision's ``InterpolationMode`` accepts, by their string value.
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+# How an image of another aspect ratio meets ``input_size`` (see ``dermlab.data.transforms``).
+RESIZE_MODES = ("squash", "letterbox", "crop")
 
 
 @dataclass(frozen=True)
 class Preprocessing:
     """Input size ``(height, width)``, per-channel mean / std on 0-1 pixels, resize filter, colour constancy.
 
-    Lists are accepted and stored as tuples, so a value read back from JSON compares equal to the original.
+    ``color_constancy_p`` is the Minkowski exponent of ``shades_of_gray`` (other methods ignore it);
+    ``resize_mode`` is ``squash`` (stretch to ``input_size``), ``letterbox`` (fit, pad black) or ``crop``
+    (cover, centre crop). Lists are accepted and stored as tuples, so a value read back from JSON compares
+    equal to the original; keys added after a checkpoint was written take their defaults when read back.
     """
 
     input_size: tuple[int, int]
@@ -27,6 +33,8 @@ class Preprocessing:
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
     color_constancy: str | None = None
+    color_constancy_p: float = 6.0
+    resize_mode: str = "squash"
 
     def __post_init__(self) -> None:
         size = _numbers("preprocessing.input_size", self.input_size, 2)
@@ -45,6 +53,13 @@ class Preprocessing:
             raise ConfigError(
                 f"preprocessing.color_constancy must be a name or null, got {self.color_constancy!r}"
             )
+        p = self.color_constancy_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 1:
+            raise ConfigError(f"preprocessing.color_constancy_p must be a finite number >= 1, got {p!r}")
+        if self.resize_mode not in RESIZE_MODES:
+            valid = ", ".join(RESIZE_MODES)
+            raise ConfigError(f"preprocessing.resize_mode: one of {valid}; got {self.resize_mode!r}")
+        object.__setattr__(self, "color_constancy_p", float(p))
         object.__setattr__(self, "input_size", (int(size[0]), int(size[1])))
         object.__setattr__(self, "mean", tuple(float(m) for m in mean))
         object.__setattr__(self, "std", tuple(float(s) for s in std))
@@ -65,6 +80,8 @@ class Preprocessing:
             "std": list(self.std),
             "interpolation": self.interpolation,
             "color_constancy": self.color_constancy,
+            "color_constancy_p": self.color_constancy_p,
+            "resize_mode": self.resize_mode,
         }
 
     @classmethod

@@ -2,12 +2,22 @@
 
 Every transform takes a PIL RGB image and returns a normalised float32 tensor ``(3, h, w)``:
 
-    resize to (h, w) -> uint8 tensor -> colour constancy (if any) -> [train: the preset's augmentation]
+    resize to (h, w) -> uint8 tensor -> [train: the preset's augmentation] -> colour constancy (if any)
     -> float32 in [0, 1] -> normalise with the backbone's mean / std
 
-The resize is to ``input_size`` exactly, so an image of another aspect ratio (600x450 dermoscopy into a
-square input) is squashed, identically at train and eval time; letterboxing comes in a later issue. Train
-and eval share this prefix, so a preset only adds random steps on the resized ``(3, h, w)`` uint8 image.
+``preprocessing.resize_mode`` decides how an image of another aspect ratio (600x450 dermoscopy into a square
+input) meets ``input_size``, identically at train and eval time:
+
+- ``squash`` (the default, so existing runs are unchanged): resized to (h, w) exactly, stretching it.
+- ``letterbox``: resized to fit inside (h, w) keeping its aspect, centred, padded with black. Black is
+  neutral for colour constancy (it scales every channel's Minkowski mean alike) and looks like a
+  dermoscope's dark rim rather than a new colour.
+- ``crop``: resized so it covers (h, w) keeping its aspect, then centre-cropped; never pads.
+
+Which one a recipe should use is decided by the shift benchmark (``dermlab evaluate --shift``), not here.
+Train and eval share this prefix, so a preset only adds random steps on the resized ``(3, h, w)`` uint8
+image. Colour constancy comes after the augmentation so that, as at test time, it sees whatever a camera
+(or an augmentation imitating one) delivered.
 """
 
 from __future__ import annotations
@@ -15,9 +25,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from typing import Any
+
 import torch
 from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
 
+from dermlab.data.color_constancy import DEFAULT_P, ShadesOfGray
+from dermlab.data.corruptions import (
+    RandomColorCast,
+    RandomDownscale,
+    RandomGamma,
+    RandomHair,
+    RandomJpeg,
+    RandomVignette,
+)
 from dermlab.data.preprocessing import Preprocessing
 from dermlab.errors import ConfigError
 from dermlab.registry import Registry
@@ -29,8 +51,10 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 #: Augmentation presets: ``preset(preprocessing) -> list of random transforms`` on the resized uint8 image.
 AUGMENTATIONS: Registry[Callable[[Preprocessing], list[Transform]]] = Registry("augmentation preset")
 
-#: Colour-constancy methods: ``factory() -> transform`` on the resized uint8 image. Filled by a later issue.
-COLOR_CONSTANCY: Registry[Callable[[], Transform]] = Registry("colour constancy method")
+#: Colour-constancy methods: ``factory(p=...) -> transform`` on the resized uint8 image (see color_constancy.py).
+COLOR_CONSTANCY: Registry[Callable[..., Transform]] = Registry("colour constancy method")
+COLOR_CONSTANCY.add("shades_of_gray", lambda p=DEFAULT_P: ShadesOfGray(p))
+COLOR_CONSTANCY.add("gray_world", lambda p=DEFAULT_P: ShadesOfGray(1.0))  # p is Gray World's own: 1
 
 
 def create_transform(preset: str, preprocessing: Preprocessing, train: bool) -> v2.Compose:
@@ -38,15 +62,16 @@ def create_transform(preset: str, preprocessing: Preprocessing, train: bool) -> 
     augment = AUGMENTATIONS.get(preset)
     height, width = preprocessing.input_size
     interpolation = InterpolationMode(preprocessing.interpolation)
-    steps: list[Transform] = [
-        v2.Resize((height, width), interpolation=interpolation, antialias=True),
-        v2.ToImage(),
-    ]
-    color_constancy = create_color_constancy(preprocessing.color_constancy)
-    if color_constancy is not None:
-        steps.append(color_constancy)
+    if preprocessing.resize_mode == "squash":
+        resize: Transform = v2.Resize((height, width), interpolation=interpolation, antialias=True)
+    else:
+        resize = _AspectResize((height, width), preprocessing.resize_mode, interpolation)
+    steps: list[Transform] = [resize, v2.ToImage()]
     if train:
         steps.extend(augment(preprocessing))
+    color_constancy = create_color_constancy(preprocessing.color_constancy, preprocessing.color_constancy_p)
+    if color_constancy is not None:
+        steps.append(color_constancy)
     steps += [
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(preprocessing.mean), std=list(preprocessing.std)),
@@ -55,13 +80,41 @@ def create_transform(preset: str, preprocessing: Preprocessing, train: bool) -> 
     return v2.Compose(steps)
 
 
-def create_color_constancy(name: str | None) -> Transform | None:
-    """The colour-constancy step for ``name``; ``None`` means no step. An unknown name raises."""
+def create_color_constancy(name: str | None, p: float = DEFAULT_P) -> Transform | None:
+    """The colour-constancy step for ``name`` (``p``: Shades of Gray's exponent); ``None`` means no step.
+
+    An unknown name raises :class:`ConfigError` listing the valid ones.
+    """
     if name is None:
         return None
-    if len(COLOR_CONSTANCY) == 0:
-        raise ConfigError(f"unknown colour constancy method {name!r}; none is available yet (use null)")
-    return COLOR_CONSTANCY.get(name)()
+    return COLOR_CONSTANCY.get(name)(p=p)
+
+
+class _AspectResize(v2.Transform):
+    """Resize keeping the aspect ratio to fit inside (``letterbox``) or cover (``crop``) ``size``, then centre it.
+
+    ``center_crop`` pads with zeros where the resized image is smaller than ``size`` (letterbox) and crops
+    where it is larger (crop); in ``crop`` mode the resized sides are never below ``size``, so it never pads.
+    """
+
+    def __init__(self, size: tuple[int, int], mode: str, interpolation: InterpolationMode) -> None:
+        super().__init__()
+        if mode not in ("letterbox", "crop"):
+            raise ConfigError(f"resize mode must be letterbox or crop here, got {mode!r}")
+        self.size, self.mode, self.interpolation = size, mode, interpolation
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        height, width = F.get_size(inpt)
+        target_h, target_w = self.size
+        fit = min if self.mode == "letterbox" else max
+        scale = fit(target_h / height, target_w / width)
+        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+        if self.mode == "crop":
+            new_h, new_w = max(new_h, target_h), max(new_w, target_w)
+        else:
+            new_h, new_w = min(new_h, target_h), min(new_w, target_w)
+        resized = self._call_kernel(F.resize, inpt, [new_h, new_w], interpolation=self.interpolation, antialias=True)
+        return self._call_kernel(F.center_crop, resized, [target_h, target_w])
 
 
 @AUGMENTATIONS.register("none")
@@ -120,6 +173,38 @@ def _derm(preprocessing: Preprocessing) -> list[Transform]:
         v2.RandomHorizontalFlip(),
         v2.RandomVerticalFlip(),
         v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02),
+    ]
+
+
+@AUGMENTATIONS.register("derm-robust")
+def _derm_robust(preprocessing: Preprocessing) -> list[Transform]:
+    """``derm`` hardened against other cameras and clinics: each step imitates one shift of the shift report.
+
+    Geometry as ``derm`` but with stronger rescaling (crops of 50-100% of the area) and aspect distortion
+    (up to 4:3 either way). Then, each with its own probability: hair-like dark strokes (0.3), dark-corner
+    vignette (0.3), Gaussian blur (0.3, sigma up to 2 px), a white-balance cast (0.5, up to +-20% on a
+    channel), strong brightness / contrast / saturation / hue jitter (always), a gamma curve (0.5, 0.6-1.6),
+    resolution loss (0.25, down to 25-75% and back) and JPEG compression (0.3, quality 30-95), in the order
+    a scene passes through optics, sensor and storage. Random draws come from torch's global generator.
+    """
+    height, width = preprocessing.input_size
+    aspect = width / height
+    blur_kernel = max(3, min(13, (min(height, width) // 2) * 2 - 1))  # odd, and small enough to reflect-pad
+    return [
+        *_rotate_any_angle(height, width),
+        v2.RandomResizedCrop(
+            (height, width), scale=(0.5, 1.0), ratio=(aspect * 3 / 4, aspect * 4 / 3), antialias=True
+        ),
+        v2.RandomHorizontalFlip(),
+        v2.RandomVerticalFlip(),
+        v2.RandomApply([RandomHair()], p=0.3),
+        v2.RandomApply([RandomVignette()], p=0.3),
+        v2.RandomApply([v2.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=0.3),
+        v2.RandomApply([RandomColorCast(0.25)], p=0.5),
+        v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05),
+        v2.RandomApply([RandomGamma((0.6, 1.6))], p=0.5),
+        v2.RandomApply([RandomDownscale((0.25, 0.75))], p=0.25),
+        v2.RandomApply([RandomJpeg((30, 95))], p=0.3),
     ]
 
 

@@ -79,7 +79,12 @@ def create_model(config: ModelConfig, num_classes: int, *, load_weights: bool = 
     architecture = get_packaged_weights(config.name).architecture if packaged else config.name
     hub = load_weights and config.pretrained and not packaged and not config.weights
     backbone = _create_backbone(architecture, pretrained=hub)
-    model = DermClassifier(backbone, num_classes, drop_rate=config.drop_rate)
+    if config.metadata_fusion:
+        from dermlab.models.fusion import MetadataFusionClassifier  # it subclasses DermClassifier
+
+        model: DermClassifier = MetadataFusionClassifier(backbone, num_classes, drop_rate=config.drop_rate)
+    else:
+        model = DermClassifier(backbone, num_classes, drop_rate=config.drop_rate)
     if load_weights and config.weights:
         load_weights_file(model, config.weights)
     elif load_weights and packaged:
@@ -89,6 +94,8 @@ def create_model(config: ModelConfig, num_classes: int, *, load_weights: bool = 
 
 def resolve_preprocessing(model: DermClassifier, config: ModelConfig) -> Preprocessing:
     """Mean, std, input size and resize filter the backbone's weights expect; ``config.input_size`` overrides.
+
+    Colour constancy and the resize mode come from ``config`` as they are.
 
     Comes from timm's pretrained config of the backbone, or from the package for ``.packaged`` weights.
     """
@@ -105,7 +112,15 @@ def resolve_preprocessing(model: DermClassifier, config: ModelConfig) -> Preproc
         size = tuple(config.input_size)
     if interpolation == "random":  # a timm training-time option, not a filter
         interpolation = "bicubic"
-    return Preprocessing(input_size=size, mean=tuple(mean), std=tuple(std), interpolation=interpolation)
+    return Preprocessing(
+        input_size=size,
+        mean=tuple(mean),
+        std=tuple(std),
+        interpolation=interpolation,
+        color_constancy=config.color_constancy,
+        color_constancy_p=config.color_constancy_p,
+        resize_mode=config.resize_mode,
+    )
 
 
 def load_weights_file(model: DermClassifier, path: str | Path) -> None:
