@@ -20,13 +20,27 @@ from dermlab.explain.mask_agreement import (
     pointing_game_hit,
     summarise_mask_agreement,
 )
+from dermlab.explain.run_explain import (
+    GalleryResult,
+    ImageExplanation,
+    compute_cams,
+    explain_image,
+    explain_run,
+    measure_mask_agreement,
+)
 
 __all__ = [
     "CAM_METHODS",
     "CamExplainer",
     "GalleryItem",
+    "GalleryResult",
+    "ImageExplanation",
     "cam_energy_in_mask",
+    "compute_cams",
+    "explain_image",
+    "explain_run",
     "mask_area_share",
+    "measure_mask_agreement",
     "overlay_cam",
     "pointing_game_hit",
     "render_class_gallery",

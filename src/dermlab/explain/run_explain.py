@@ -1,0 +1,522 @@
+"""Explaining a trained model: CAM galleries for a run, one-image overlays, and agreement with lesion masks.
+
+The orchestration behind ``dermlab explain``. Everything is rebuilt from the checkpoint alone (classes,
+preprocessing, architecture); CAMs are computed in batches inside one :class:`CamExplainer` block, at the
+model's input size, and explain the predicted class unless a target is named.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch import nn
+
+from dermlab.data.images import read_image
+from dermlab.data.preprocessing import Preprocessing
+from dermlab.data.transforms import create_transform
+from dermlab.errors import ConfigError, DataError
+from dermlab.explain.gallery import GalleryItem, render_gallery, render_gallery_sheet, select_gallery_examples
+from dermlab.explain.gradcam import CAM_METHODS, CamExplainer, overlay_cam
+from dermlab.explain.mask_agreement import cam_energy_in_mask, pointing_game_hit, summarise_mask_agreement
+from dermlab.io import atomic_save, atomic_write_json
+from dermlab.models.checkpoint import LoadedModel, load_checkpoint, resolve_checkpoint_path
+
+__all__ = [
+    "GalleryResult",
+    "ImageExplanation",
+    "compute_cams",
+    "explain_image",
+    "explain_run",
+    "load_run_predictions",
+    "measure_mask_agreement",
+    "render_overlay",
+    "run_dir_of",
+]
+
+_DISPLAY_MAX_SIDE = 320  # gallery thumbnails: enough for a 2.4-inch panel at 100 dpi, cheap to keep in memory
+
+
+@dataclass(frozen=True)
+class GalleryResult:
+    """What :func:`explain_run` wrote."""
+
+    paths: list[Path]  # <class>.png for every class, then sheet.png
+    report: Path | None  # the regenerated RUN/report.html
+    predictions: Path  # the predictions.csv the examples were chosen from
+    shown: int  # number of images drawn
+
+
+@dataclass(frozen=True)
+class ImageExplanation:
+    """What :func:`explain_image` wrote and what the model said about the image."""
+
+    path: Path
+    predicted: str
+    predicted_probability: float
+    target: str
+    target_probability: float
+    empty_map: bool  # the CAM is zero everywhere: no positive evidence for the target in this layer
+
+
+def run_dir_of(run_or_checkpoint: str | Path) -> Path:
+    """The run folder of a run folder or of a checkpoint file (``RUN/checkpoints/x.ckpt`` -> ``RUN``)."""
+    checkpoint = resolve_checkpoint_path(run_or_checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ------------------------------------------------------------------------------------------- CAMs
+
+
+def compute_cams(
+    model: nn.Module,
+    images: Sequence[Image.Image],
+    preprocessing: Preprocessing,
+    targets: Sequence[int] | None = None,
+    method: str = "gradcam",
+    batch_size: int = 16,
+    device: torch.device | None = None,
+) -> np.ndarray:
+    """CAMs ``(N, h, w)`` in ``[0, 1]`` at the model's input size for ``targets`` (``None``: the predictions).
+
+    Images are preprocessed as the checkpoint says; one :class:`CamExplainer` serves every batch.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"CAM batch size must be >= 1, got {batch_size}")
+    if targets is not None and len(targets) != len(images):
+        raise ConfigError(f"CAM targets: {len(targets)} class indices for {len(images)} images")
+    height, width = preprocessing.input_size
+    if not images:
+        return np.zeros((0, height, width), dtype=np.float32)
+    device = device or _device()
+    model = model.to(device)
+    transform = create_transform("none", preprocessing, train=False)
+    maps = []
+    with CamExplainer(model, method=method) as explainer:
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([transform(image) for image in images[start : start + batch_size]]).to(device)
+            batch_targets = None if targets is None else list(targets[start : start + batch_size])
+            maps.append(explainer(batch, batch_targets))
+    return np.concatenate(maps)
+
+
+@torch.inference_mode()
+def _probabilities(
+    model: nn.Module, images: Sequence[Image.Image], preprocessing: Preprocessing, batch_size: int = 32
+) -> np.ndarray:
+    """Softmax probabilities ``(N, C)`` for in-memory images, preprocessed as the checkpoint says."""
+    device = next(model.parameters()).device
+    transform = create_transform("none", preprocessing, train=False)
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = [
+            model(torch.stack([transform(image) for image in images[start : start + batch_size]]).to(device))
+            .float()
+            .softmax(dim=1)
+            .cpu()
+            for start in range(0, len(images), batch_size)
+        ]
+    finally:
+        model.train(was_training)
+    return torch.cat(outputs).numpy()
+
+
+def _thumbnail(image: Image.Image) -> Image.Image:
+    shown = image.copy()
+    shown.thumbnail((_DISPLAY_MAX_SIDE, _DISPLAY_MAX_SIDE), Image.Resampling.LANCZOS)
+    return shown
+
+
+# ------------------------------------------------------------------------------------------- run galleries
+
+
+def _read_predictions(path: Path, classes: Sequence[str]) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, dtype={"image_id": str, "path": str, "true": str, "predicted": str},
+                            keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: cannot read as CSV ({error})") from None
+    needed = ["path", "true", "predicted", *(f"prob_{name}" for name in classes)]
+    missing = [column for column in needed if column not in frame.columns]
+    if missing:
+        names = ", ".join(missing)
+        raise DataError(f"{path}: missing column(s) {names} for the model's classes {list(classes)}")
+    unknown = sorted(set(frame["predicted"]) - set(classes))
+    if unknown:
+        raise DataError(f"{path}: predicted classes {unknown} are not the model's classes {list(classes)}")
+    return frame
+
+
+def load_run_predictions(
+    loaded: LoadedModel,
+    run_dir: Path,
+    split: str = "test",
+    data: str | Path | None = None,
+    batch_size: int = 64,
+) -> tuple[pd.DataFrame, Path]:
+    """The predictions to pick gallery examples from, and the ``predictions.csv`` they live in.
+
+    Without ``data``: ``RUN/eval/<split>/predictions.csv``, made with ``evaluate_frame`` (as
+    ``dermlab evaluate`` would) on the run's own split when missing. With ``data``: the same for that
+    dataset, in ``RUN/eval/<data name>-<split>/`` (all its images when it has no ``split`` rows of that name).
+    """
+    data_name = Path(data).name if data else None
+    out_dir = run_dir / "eval" / (f"{data_name}-{split}" if data_name else split)
+    path = out_dir / "predictions.csv"
+    if not path.is_file():
+        # Lightning and the plotting stack come in only when inference is needed.
+        from dermlab.evaluation.evaluate import evaluate_frame
+
+        frame = _labelled_frame(loaded, run_dir, split, data)
+        evaluate_frame(loaded, frame, out_dir, loaded.config.evaluation, batch_size=batch_size)
+    return _read_predictions(path, loaded.classes), path
+
+
+def _labelled_frame(loaded: LoadedModel, run_dir: Path, split: str, data: str | Path | None) -> pd.DataFrame:
+    """The rows of ``split`` (``all``: every row) of the run's data or of ``data``, as evaluate reads them."""
+    if data is not None:
+        from dermlab.data.datasets import load_dataset
+
+        table = load_dataset(data, replace(loaded.config.data, path=str(data), classes=loaded.classes))
+        frame = table.frame.assign(split=table.frame["fixed_split"].replace("", "all"))
+        unknown = sorted(set(frame["label"]) - set(loaded.classes))
+        if unknown:
+            raise DataError(f"{data}: classes {unknown} are unknown to the model ({loaded.classes})")
+    else:
+        if not (run_dir / "splits.csv").is_file():
+            raise DataError(f"{run_dir}: no eval/{split}/predictions.csv and no splits.csv; pass --data DATA")
+        from dermlab.training.run import prepare_run_data
+
+        frame = prepare_run_data(loaded.config, run_dir).frame
+    rows = frame if split == "all" else frame[frame["split"] == split]
+    if data is not None and split != "all" and len(rows) == 0:
+        rows = frame  # a dataset without split folders: use all of it, as dermlab evaluate does
+    if len(rows) == 0:
+        raise DataError(f"{data or run_dir}: the {split} split is empty")
+    return rows.reset_index(drop=True)
+
+
+def explain_run(
+    run_or_checkpoint: str | Path,
+    data: str | Path | None = None,
+    split: str = "test",
+    method: str = "gradcam",
+    per_class: int = 4,
+    out_dir: str | Path | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    strategy: str = "confident",
+    write_run_report: bool = True,
+) -> GalleryResult:
+    """Grad-CAM galleries of a run: up to ``per_class`` correct and ``per_class`` wrong images per true class.
+
+    Examples come from the run's predictions on ``split`` (see :func:`load_run_predictions`); each CAM
+    explains the predicted class. Writes ``<class>.png`` and ``sheet.png`` into ``out_dir`` (default
+    ``RUN/gallery``) and then regenerates ``RUN/report.html``, which embeds ``RUN/gallery``.
+    """
+    loaded = load_checkpoint(run_or_checkpoint)
+    run_dir = run_dir_of(run_or_checkpoint)
+    CAM_METHODS.get(method)  # an unknown method fails here, before any inference
+    predictions, predictions_path = load_run_predictions(loaded, run_dir, split, data)
+    classes = loaded.classes
+    known = predictions[predictions["true"].isin(classes)].reset_index(drop=True)
+    if len(known) == 0:
+        raise DataError(f"{predictions_path}: no row's true label is among the model's classes {classes}")
+    probabilities = known[[f"prob_{name}" for name in classes]].to_numpy(dtype=np.float64)
+    selection = select_gallery_examples(
+        known["true"].tolist(), known["predicted"].tolist(), probabilities, classes,
+        per_class=per_class, seed=seed, strategy=strategy,  # type: ignore[arg-type]
+    )
+    rows = sorted({row for groups in selection.values() for group in groups.values() for row in group})
+    images = {row: read_image(known.at[row, "path"]) for row in rows}
+    index = {name: i for i, name in enumerate(classes)}
+    cams = compute_cams(
+        loaded.model,
+        [images[row] for row in rows],
+        loaded.preprocessing,
+        targets=[index[known.at[row, "predicted"]] for row in rows],
+        method=method,
+        batch_size=batch_size,
+    )
+    cam_of = dict(zip(rows, cams))
+
+    def item(row: int) -> GalleryItem:
+        predicted = known.at[row, "predicted"]
+        return GalleryItem(
+            image=_thumbnail(images[row]),
+            cam=cam_of[row],
+            true_label=known.at[row, "true"],
+            predicted_label=predicted,
+            probability=float(probabilities[row, index[predicted]]),
+        )
+
+    items_by_class = {
+        name: [item(row) for row in selection[name]["correct"] + selection[name]["wrong"]] for name in classes
+    }
+    target_dir = Path(out_dir) if out_dir is not None else run_dir / "gallery"
+    paths = render_gallery(items_by_class, target_dir)
+    widest = max(len(items) for items in items_by_class.values())
+    if widest > 6:  # render_gallery's sheet stops at six per class: redraw it with every example
+        render_gallery_sheet(items_by_class, paths[-1], max_per_class=widest)
+    report = None
+    if write_run_report:
+        from dermlab.evaluation.report import write_report
+
+        report = write_report(run_dir)
+    return GalleryResult(paths=paths, report=report, predictions=predictions_path, shown=len(rows))
+
+
+# ------------------------------------------------------------------------------------------- one image
+
+
+def render_overlay(
+    image: Image.Image,
+    cam: np.ndarray,
+    caption: str,
+    out_path: str | Path,
+    alpha: float = 0.4,
+    dpi: int = 100,
+) -> Path:
+    """A PNG with the image and its CAM overlay side by side, captioned underneath."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out_path = Path(out_path)
+    if out_path.suffix.lower() != ".png":
+        raise ConfigError(f"{out_path}: the overlay is written as PNG; give a .png file name")
+    shown = _thumbnail(image) if max(image.size) > 2 * _DISPLAY_MAX_SIDE else image
+    aspect = shown.size[1] / shown.size[0]
+    figure = Figure(figsize=(8.0, 4.0 * aspect + 0.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2)
+    for axis, pixels, title in (
+        (axes[0], np.asarray(shown.convert("RGB")), "original"),
+        (axes[1], overlay_cam(shown, cam, alpha), "class activation map"),
+    ):
+        axis.imshow(pixels)
+        axis.set_title(title, fontsize=10)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.supxlabel(caption, fontsize=10)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(out_path, lambda tmp: figure.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
+    return out_path
+
+
+def explain_image(
+    run_or_checkpoint: str | Path,
+    image_path: str | Path,
+    target: str | None = None,
+    method: str = "gradcam",
+    out_path: str | Path | None = None,
+) -> ImageExplanation:
+    """CAM of one image for ``target`` (default: the predicted class) written as an overlay PNG.
+
+    ``out_path`` defaults to ``<image stem>_<method>.png`` in the current folder. An unknown ``target`` raises
+    ``ConfigError`` naming the model's classes.
+    """
+    loaded = load_checkpoint(run_or_checkpoint)
+    classes = loaded.classes
+    if target is not None and target not in classes:
+        raise ConfigError(f"unknown target class {target!r}; the model's classes are {', '.join(classes)}")
+    CAM_METHODS.get(method)  # an unknown method fails before any image is read
+    image_path = Path(image_path)
+    image = read_image(image_path)
+    model = loaded.model.to(_device())
+    probabilities = _probabilities(model, [image], loaded.preprocessing)[0]
+    predicted = int(probabilities.argmax())
+    target_index = predicted if target is None else classes.index(target)
+    cam = compute_cams(model, [image], loaded.preprocessing, [target_index], method=method)[0]
+    caption = f"predicted: {classes[predicted]} (p={probabilities[predicted]:.2f})"
+    if target_index != predicted:
+        caption = f"CAM for {classes[target_index]} (p={probabilities[target_index]:.2f}); " + caption
+    empty = not bool(np.any(cam > 0))
+    if empty:  # gradient CAMs keep only positive evidence; a blank overlay would otherwise look like a bug
+        caption += f"; empty map: no positive evidence for {classes[target_index]}"
+    caption += f"  [{method}, {loaded.model_id}]"
+    safe_method = method.replace("+", "pp")
+    out = Path(out_path) if out_path is not None else Path(f"{image_path.stem}_{safe_method}.png")
+    render_overlay(image, cam, caption, out)
+    return ImageExplanation(
+        path=out,
+        predicted=classes[predicted],
+        predicted_probability=float(probabilities[predicted]),
+        target=classes[target_index],
+        target_probability=float(probabilities[target_index]),
+        empty_map=empty,
+    )
+
+
+# ------------------------------------------------------------------------------------------- lesion masks
+
+
+def _read_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
+    """A lesion mask as booleans at ``size`` (h, w): white (>= 128) is lesion; resized like the image."""
+    if not str(path):
+        raise DataError("a row has no mask (empty mask_path)")
+    grey = read_image(path).convert("L")
+    height, width = size
+    # Nearest keeps the mask binary; the image is resized to the same (h, w) without cropping, so they align.
+    return np.asarray(grey.resize((width, height), Image.Resampling.NEAREST)) >= 128
+
+
+def _centre_prior(height: int, width: int) -> np.ndarray:
+    """A fixed Gaussian blob at the image centre (sigma a quarter of each side): a CAM that knows nothing
+    about the image but that dermoscopy centres the lesion."""
+    rows = (np.arange(height) - (height - 1) / 2) / (height / 4)
+    columns = (np.arange(width) - (width - 1) / 2) / (width / 4)
+    return np.exp(-0.5 * (rows[:, None] ** 2 + columns[None, :] ** 2)).astype(np.float32)
+
+
+def _untrained_twin(loaded: LoadedModel, seed: int) -> nn.Module:
+    """The same architecture and head with random weights (no hub, package or weights file), in eval mode."""
+    from dermlab.models.factory import create_model
+
+    config = replace(loaded.config.model, pretrained=False, weights=None)
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = create_model(config, len(loaded.classes), load_weights=False)
+    finally:
+        torch.random.set_rng_state(state)
+    return model.eval()
+
+
+def _split_counts(run_dir: Path, image_ids: Sequence[str]) -> dict[str, int] | None:
+    """How many of ``image_ids`` the run put in each split (``absent``: not in its splits.csv)."""
+    path = run_dir / "splits.csv"
+    if not path.is_file():
+        return None
+    splits = pd.read_csv(path, dtype=str, keep_default_na=False, usecols=["image_id", "split"])
+    lookup = dict(zip(splits["image_id"], splits["split"]))
+    return dict(Counter(lookup.get(image_id, "absent") for image_id in image_ids))
+
+
+def measure_mask_agreement(
+    run_or_checkpoint: str | Path,
+    data: str | Path,
+    method: str = "gradcam",
+    limit: int | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    out_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """How much of each CAM falls on the lesion, for the trained model and for the same network untrained.
+
+    ``data`` is any dataset with a mask column (``mask_path``; nonzero/white = lesion). Each image's CAM
+    explains its true class when the model knows it, else the class the model predicts. CAMs are compared with
+    the masks at the model's input size. Also scored: a fixed centre blob (``centre_prior``), the chance level
+    being the mask's area share. Writes ``RUN/explain/mask_agreement.json`` (or ``out_path``) and a
+    per-image CSV beside it; returns the JSON's content.
+    """
+    from dermlab.data.datasets import load_dataset
+
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {limit}")
+    loaded = load_checkpoint(run_or_checkpoint)
+    run_dir = run_dir_of(run_or_checkpoint)
+    CAM_METHODS.get(method)  # an unknown method fails before any image is read
+    table = load_dataset(data)
+    frame = table.frame
+    if "mask_path" not in frame.columns:
+        raise DataError(f"{data}: no lesion-mask column (mask_path, or data.csv_mask_column for CSV data)")
+    frame = frame[frame["mask_path"].astype(str) != ""].reset_index(drop=True)
+    if len(frame) == 0:
+        raise DataError(f"{data}: every mask_path cell is empty")
+    if limit is not None:
+        frame = frame.head(limit)
+    size = tuple(loaded.preprocessing.input_size)
+    classes = loaded.classes
+    index = {name: i for i, name in enumerate(classes)}
+    device = _device()
+    models = {"trained": loaded.model.to(device), "untrained": _untrained_twin(loaded, seed).to(device)}
+    transform = create_transform("none", loaded.preprocessing, train=False)
+    prior = _centre_prior(*size)
+    parts: dict[str, list[dict[str, float | int]]] = {name: [] for name in (*models, "centre_prior")}
+    columns: dict[str, list[Any]] = defaultdict(list)
+    # Batch by batch, so only one batch of full-size images is ever held; the summaries merge exactly.
+    for start in range(0, len(frame), batch_size):
+        rows = frame.iloc[start : start + batch_size]
+        batch = torch.stack([transform(read_image(path)) for path in rows["path"]]).to(device)
+        masks = [_read_mask(path, size) for path in rows["mask_path"]]
+        columns["mask_area_share"] += [float(mask.mean()) for mask in masks]
+        for name, model in models.items():
+            with torch.inference_mode():
+                predicted = model(batch).argmax(dim=1).cpu().tolist()
+            targets = [index.get(label, guess) for label, guess in zip(rows["label"], predicted)]
+            with CamExplainer(model, method=method) as explainer:
+                cams = explainer(batch, targets)
+            parts[name].append(summarise_mask_agreement(list(cams), masks))
+            columns[f"{name}_predicted"] += [classes[p] for p in predicted]
+            columns[f"{name}_target"] += [classes[t] for t in targets]
+            columns[f"{name}_energy_in_mask"] += [cam_energy_in_mask(c, m) for c, m in zip(cams, masks)]
+            columns[f"{name}_pointing_hit"] += [pointing_game_hit(c, m) for c, m in zip(cams, masks)]
+        parts["centre_prior"].append(summarise_mask_agreement([prior] * len(masks), masks))
+    per_image = pd.DataFrame({"image_id": frame["image_id"].astype(str), "label": frame["label"].astype(str),
+                              **columns})
+    results: dict[str, Any] = {name: _merge_summaries(summaries) for name, summaries in parts.items()}
+    known = per_image["label"].isin(classes)
+    target_counts = {"true_class": int(known.sum()), "predicted_class": int((~known).sum())}
+    results["trained_accuracy_on_known_labels"] = (
+        float((per_image.loc[known, "trained_predicted"] == per_image.loc[known, "label"]).mean())
+        if known.any() else None
+    )
+
+    summary = {
+        "data": str(Path(data).resolve()),
+        "checkpoint": str(loaded.path),
+        "model": loaded.config.model.name,
+        "method": method,
+        "input_size": list(size),
+        "n": len(frame),
+        "cam_target": target_counts,
+        "cam_target_rule": "the true class when it is among the model's classes, else the predicted class",
+        "untrained_seed": seed,
+        "images_by_run_split": _split_counts(run_dir, frame["image_id"].astype(str).tolist()),
+        **results,
+    }
+    out = Path(out_path) if out_path is not None else run_dir / "explain" / "mask_agreement.json"
+    atomic_write_json(out, _json_safe(summary))
+    atomic_save(out.with_suffix(".csv"), lambda tmp: per_image.to_csv(tmp, index=False))
+    return summary
+
+
+def _merge_summaries(parts: Sequence[dict[str, float | int]]) -> dict[str, float | int]:
+    """One :func:`summarise_mask_agreement` result from those of consecutive batches (n-weighted means)."""
+    n = sum(int(part["n"]) for part in parts)
+
+    def mean(key: str) -> float:
+        return float(sum(float(part[key]) * int(part["n"]) for part in parts) / n)
+
+    energy, area = mean("mean_energy_in_mask"), mean("mean_mask_area_share")
+    return {
+        "n": n,
+        "mean_energy_in_mask": energy,
+        "mean_mask_area_share": area,
+        "energy_over_chance": energy / area if area > 0 else float("nan"),
+        "pointing_game_hit_rate": mean("pointing_game_hit_rate"),
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN / inf -> None, so the file stays strict JSON."""
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
