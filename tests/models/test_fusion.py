@@ -1,0 +1,153 @@
+"""Metadata fusion: the encoding (missing values, never dx_type), the fused head, batches, training, scoring."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dermlab.config import Config, ModelConfig, apply_overrides
+from dermlab.data.datamodule import ImageDataset
+from dermlab.errors import ConfigError
+from dermlab.models.checkpoint import load_checkpoint, save_checkpoint
+from dermlab.models.factory import DermClassifier, create_model, resolve_preprocessing
+from dermlab.models.fusion import (
+    LOCALIZATIONS,
+    METADATA_WIDTH,
+    MetadataFusionClassifier,
+    check_fusion_config,
+    encode_metadata,
+    missing_metadata,
+    uses_metadata,
+)
+from dermlab.training.module import ClassifierModule
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _fusion_model(classes: int = 3) -> MetadataFusionClassifier:
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(name="test_efficientnet", input_size=[32, 32], metadata_fusion=True), classes, load_weights=False)
+    assert isinstance(model, MetadataFusionClassifier)
+    return model.eval()
+
+
+def test_encoding_by_hand_with_missing_values() -> None:
+    frame = pd.DataFrame(
+        {
+            "age": [45.0, math.nan, -1.0],
+            "sex": ["male", "unknown", "Female"],
+            "localization": ["back", "", "Upper Extremity"],
+        }
+    )
+    encoded = encode_metadata(frame)
+    assert encoded.shape == (3, METADATA_WIDTH) and encoded.dtype == torch.float32
+    back = 5 + LOCALIZATIONS.index("back")
+    upper = 5 + LOCALIZATIONS.index("upper extremity")
+    first, second, third = encoded.tolist()
+    assert first[:5] == pytest.approx([0.45, 0.0, 1.0, 0.0, 0.0]) and first[back] == 1.0 and first[-1] == 0.0
+    assert sum(first) == pytest.approx(0.45 + 2)  # one sex, one site, no missing flag
+    assert second == missing_metadata(1)[0].tolist()  # age NaN, "unknown" sex, empty site: all missing
+    assert third[:5] == [0.0, 1.0, 0.0, 1.0, 0.0] and third[upper] == 1.0  # negative age is missing
+    # absent columns are missing for every row
+    assert torch.equal(encode_metadata(pd.DataFrame({"path": ["a", "b"]})), missing_metadata(2))
+
+
+def test_dx_type_is_never_read() -> None:
+    frame = pd.DataFrame({"age": [60.0, 30.0], "sex": ["male", "female"], "localization": ["face", "trunk"]})
+    with_dx_type = frame.assign(dx_type=["histo", "consensus"])
+    assert torch.equal(encode_metadata(frame), encode_metadata(with_dx_type))
+    assert torch.equal(encode_metadata(frame), encode_metadata(with_dx_type.assign(dx_type=["follow_up", "confocal"])))
+
+
+def test_fused_head_uses_metadata_and_none_means_unknown() -> None:
+    model = _fusion_model()
+    images = torch.randn(2, 3, 32, 32)
+    known = encode_metadata(pd.DataFrame({"age": [80.0, 20.0], "sex": ["male", "female"], "localization": ["scalp", "foot"]}))
+    with torch.no_grad():
+        plain, unknown, informed = model(images), model(images, missing_metadata(2)), model(images, known)
+        pooled = model.forward_features(images)
+        assert torch.allclose(model.forward_head(pooled, known), informed)
+    assert plain.shape == (2, 3)
+    assert torch.allclose(plain, unknown)
+    assert not torch.allclose(informed, unknown)
+    assert model.head.in_features == model.num_features + model.metadata_encoder[0].out_features
+    assert uses_metadata(model) and not uses_metadata(create_model(ModelConfig(name="test_efficientnet"), 3, load_weights=False))
+
+
+def test_off_by_default_and_the_image_only_path_is_unchanged(tmp_path: Path) -> None:
+    model = create_model(ModelConfig(name="test_efficientnet", input_size=[32, 32]), 3, load_weights=False)
+    assert type(model) is DermClassifier
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(image)
+    frame = pd.DataFrame({"path": [str(image)], "label": ["b"], "age": [50.0], "sex": ["male"], "localization": ["back"]})
+    transform = lambda img: torch.zeros(3, 2, 2)  # noqa: E731
+    item = ImageDataset(frame, ["a", "b"], transform)[0]
+    assert isinstance(item[0], torch.Tensor) and item[1] == 1  # (image, label), as before
+    fused = ImageDataset(frame, ["a", "b"], transform, metadata=encode_metadata(frame))[0]
+    (tensor, metadata), label = fused
+    assert tensor.shape == (3, 2, 2) and torch.equal(metadata, encode_metadata(frame)[0]) and label == 1
+
+
+def test_lightning_module_feeds_metadata_to_the_model() -> None:
+    model = _fusion_model()
+    module = ClassifierModule(model, torch.nn.CrossEntropyLoss(), ["a", "b", "c"], features_input=True).eval()
+    pooled, metadata = torch.randn(4, model.num_features), missing_metadata(4)
+    metadata[:, 0] = 0.7
+    with torch.no_grad():
+        assert torch.allclose(module((pooled, metadata)), model.forward_head(pooled, metadata))
+        assert torch.allclose(module(pooled), model.forward_head(pooled))
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    model = _fusion_model()
+    config = Config(model=ModelConfig(name="test_efficientnet", input_size=[32, 32], metadata_fusion=True))
+    path = save_checkpoint(tmp_path / "best.ckpt", model, config, ["a", "b", "c"], resolve_preprocessing(model, config.model))
+    loaded = load_checkpoint(path)
+    assert isinstance(loaded.model, MetadataFusionClassifier)
+    images, metadata = torch.randn(2, 3, 32, 32), encode_metadata(pd.DataFrame({"age": [30.0, 70.0]}))
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(images, metadata), model(images, metadata), atol=1e-6)
+
+
+def test_unsupported_combinations_are_refused() -> None:
+    base = ["model.metadata_fusion=true"]
+    check_fusion_config(apply_overrides(Config(), base))
+    with pytest.raises(ConfigError, match="mixing.method='mixup'"):
+        check_fusion_config(apply_overrides(Config(), [*base, "mixing.method=mixup"]))
+    check_fusion_config(apply_overrides(Config(), ["mixing.method=mixup"]))  # fusion off: nothing to refuse
+
+
+@pytest.mark.slow
+def test_a_fusion_run_trains_and_scores_with_metadata(ham_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from dermlab.evaluation.evaluate import predict_logits, predict_view_logits
+    from dermlab.training.run import prepare_run_data, train_run
+
+    monkeypatch.setenv("DERMLAB_PROGRESS", "0")
+    config = apply_overrides(
+        Config(),
+        [f"data.path={ham_dir}", "model.name=test_efficientnet", "model.input_size=[32,32]", "model.metadata_fusion=true",
+         "data.num_workers=0", "data.batch_size=8", "train.stage1_epochs=1", "train.stage2_epochs=1", "data.augmentation=none"],
+    )
+    result = train_run(config, tmp_path / "run")
+    loaded = load_checkpoint(result.best_checkpoint)
+    assert isinstance(loaded.model, MetadataFusionClassifier)
+    frame = prepare_run_data(config, tmp_path / "run").frame
+    test = frame[frame["split"] == "test"].reset_index(drop=True)
+    logits = predict_view_logits(loaded, test, ("identity",), batch_size=4)[0]
+    assert np.allclose(logits, predict_logits(loaded, test, batch_size=4), atol=1e-5)
+    # the metadata reaches the head: dropping it (all missing) changes the logits
+    without = predict_logits(loaded, test.drop(columns=["age", "sex", "localization"]), batch_size=4)
+    assert not np.allclose(logits, without, atol=1e-6)
