@@ -7,6 +7,7 @@ offending field (``train.stage1_lr``) in its error, so a typo never silently bec
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -55,8 +56,14 @@ class DataConfig:
     num_workers: int = 2
     sampler: Literal["none", "balanced", "sqrt"] = "none"
     cache_dir: str | None = None  # decoded-image cache; None = off
+    # train on these classes only (e.g. an LFME expert): other images are dropped, the class list keeps the
+    # dataset's order; the split (data.splits_file) still covers the whole dataset. None = every class.
+    class_subset: list[str] | None = None
 
     def __post_init__(self) -> None:
+        if self.class_subset is not None:
+            if len(self.class_subset) < 2 or len(set(self.class_subset)) != len(self.class_subset):
+                raise ConfigError(f"data.class_subset must list at least two distinct classes, got {self.class_subset}")
         if len(self.split_ratios) != 3 or any(r < 0 for r in self.split_ratios) or sum(self.split_ratios) <= 0:
             raise ConfigError(f"data.split_ratios must be three non-negative numbers, got {self.split_ratios}")
         _check_positive("data.batch_size", self.batch_size)
@@ -74,8 +81,19 @@ class ModelConfig:
     weights: str | None = None  # a local safetensors / state-dict file
     drop_rate: float = 0.2
     input_size: list[int] | None = None  # [height, width]; None = the backbone's default
+    # Colour constancy before the network (data.transforms.COLOR_CONSTANCY: shades_of_gray, gray_world); None = off.
+    color_constancy: str | None = None
+    color_constancy_p: float = 6.0  # Minkowski exponent of shades_of_gray
+    # Another aspect ratio into input_size: stretch, fit and pad black, or cover and centre-crop. "squash" stays
+    # the default so existing runs are unchanged; the recommended recipe comes from the shift benchmark.
+    resize_mode: Literal["squash", "letterbox", "crop"] = "squash"
+    # Age, sex and localization encoded and fused with the pooled image features in the head (models.fusion);
+    # never dx_type. Off = the image-only classifier.
+    metadata_fusion: bool = False
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.color_constancy_p) or self.color_constancy_p < 1:
+            raise ConfigError(f"model.color_constancy_p must be a finite number >= 1, got {self.color_constancy_p}")
         if self.input_size is not None:
             if len(self.input_size) != 2 or any(s <= 0 for s in self.input_size):
                 raise ConfigError(f"model.input_size must be [height, width] > 0, got {self.input_size}")
@@ -163,6 +181,18 @@ class EvaluationConfig:
     fixed_specificity: float = 0.8
     fixed_sensitivity: float = 0.8
     ece_bins: int = 15
+    calibrate: bool = True  # fit a temperature on the val split after training (stored in the best checkpoint)
+    tta: list[str] = field(default_factory=list)  # test-time augmentation views for evaluation; [] = off
+    abstain_false_rejection: float = 0.05  # share of val lesions the abstention rule may reject; 0 = no rule
+    abstain_scores: list[str] = field(default_factory=lambda: ["max_probability", "energy"])
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.abstain_false_rejection < 1.0:
+            raise ConfigError(
+                f"evaluation.abstain_false_rejection must be in [0, 1), got {self.abstain_false_rejection}"
+            )
+        if self.abstain_false_rejection > 0 and not self.abstain_scores:
+            raise ConfigError("evaluation.abstain_scores needs at least one score when abstention is on")
 
 
 @dataclass
@@ -177,6 +207,21 @@ class DistillConfig:
     curriculum: Literal["none", "instance", "balanced_subset"] = "none"
     curriculum_fraction: float = 0.5
     curriculum_shape: Literal["linear", "convex", "concave"] = "linear"
+    # which images each expert's KL term averages over: all (LFME) or only those of the expert's classes
+    expert_samples: Literal["all", "group"] = "all"
+
+    def __post_init__(self) -> None:
+        # teachers are checked when a run starts: a YAML template may leave them to the command line
+        if not self.temperature > 0:
+            raise ConfigError(f"distill.temperature must be > 0, got {self.temperature}")
+        if not self.kd_weight >= 0:
+            raise ConfigError(f"distill.kd_weight must be >= 0, got {self.kd_weight}")
+        if not 0.0 <= self.alpha < 1.0:
+            raise ConfigError(f"distill.alpha must be in [0, 1), got {self.alpha}")
+        if not 0.0 < self.curriculum_fraction <= 1.0:
+            raise ConfigError(f"distill.curriculum_fraction must be in (0, 1], got {self.curriculum_fraction}")
+        if self.curriculum == "instance" and self.method == "none":
+            raise ConfigError("distill.curriculum=instance weighs images by a teacher's confidence: set distill.method to kd or lfme")
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Fixtures for the serving tests: a real tiny checkpoint (resnet18 at 32 px, 3 classes) and image bytes.
 
 Image helpers come as the ``images`` fixture (``images.sample()``, ``images.encode(image, "JPEG")``,
-``images.png_header_only(w, h)``) rather than ``from conftest import``, which ``tests/conftest.py`` shadows.
+``images.png_header_only(w, h)``) rather than ``from fakes import``, which ``tests/conftest.py`` shadows.
 """
 
 from __future__ import annotations

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dermlab.cli._common import print_metrics_table
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from dermlab.models.checkpoint import LoadedModel
 
 __all__ = ["register", "run"]
 
@@ -22,6 +28,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", default="test", choices=["test", "val", "train", "all"], help="which split (default test)")
     parser.add_argument("--out", help="output folder (default RUN/eval/<split>, or RUN/eval/<data name>)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--shift",
+        action="store_true",
+        help="instead: the shift report, the metrics under seeded camera / clinic corruptions next to the clean "
+        "ones (default out RUN/eval/shift)",
+    )
+    parser.add_argument(
+        "--corruptions",
+        metavar="A,B",
+        help="comma-separated corruptions for --shift (implies it); default: all seven (colour cast, gamma, "
+        "JPEG 30, blur, 4:3 squashed to 1:1, downscale to 100 px, vignette); a wrong name lists the valid ones",
+    )
+    parser.add_argument("--shift-seed", type=int, default=0, help="seed of the corruptions (default 0)")
+    parser.add_argument("--tta", action="store_true", help="average over horizontal and vertical flips")
+    parser.add_argument(
+        "--tta-views",
+        metavar="A,B",
+        help="test-time augmentation views or presets, comma-separated (implies --tta), e.g. "
+        "identity,hflip,vflip,rot180 or dihedral; default: the run's evaluation.tta",
+    )
+    parser.add_argument(
+        "--uncalibrated", action="store_true", help="ignore the checkpoint's temperature (and its abstention rule)"
+    )
     parser.set_defaults(handler=run)
 
 
@@ -52,8 +81,50 @@ def run(args: argparse.Namespace) -> int:
     rows = frame if args.split == "all" else frame[frame["split"] == args.split]
     if args.data and args.split != "all" and len(rows) == 0:
         rows = frame  # a plain folder has no splits: use all of it
+    if args.shift or args.corruptions:
+        shift_out = run_dir / "eval" / "shift" if not args.data and args.split == "test" else Path(f"{default_out}-shift")
+        return _run_shift(args, loaded, rows.reset_index(drop=True), Path(args.out) if args.out else shift_out)
     out = Path(args.out) if args.out else default_out
-    metrics = evaluate_frame(loaded, rows.reset_index(drop=True), out, loaded.config.evaluation, batch_size=args.batch_size)
+    tta = args.tta_views if args.tta_views else (True if args.tta else None)
+    metrics = evaluate_frame(
+        loaded, rows.reset_index(drop=True), out, loaded.config.evaluation, batch_size=args.batch_size,
+        tta=tta, calibrated=not args.uncalibrated, abstain=not args.uncalibrated,
+    )
     print_metrics_table({args.split: metrics}, splits=(args.split,), title=f"{loaded.path}")
+    calibration, abstention = metrics.get("calibration") or {}, metrics.get("abstention")
+    print(
+        f"TTA views: {', '.join(metrics.get('tta') or ['identity'])}; temperature {calibration.get('temperature', 1.0):.4g}: "
+        f"ECE {calibration.get('ece_before', float('nan')):.4f} -> {calibration.get('ece_after', float('nan')):.4f}"
+        + (f"; uncertain: {100 * abstention['rejected']:.1f}% of the images" if abstention else "")
+    )
     print(f"wrote {out / 'metrics.json'} and {out / 'predictions.csv'}")
+    return 0
+
+
+def _run_shift(args: argparse.Namespace, loaded: LoadedModel, rows: pd.DataFrame, out: Path) -> int:
+    """The shift report of ``rows``: printed as a table, written as ``shift.json`` and ``shift.md`` in ``out``."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from dermlab.evaluation.shift import shift_report, shift_table, write_shift_report
+
+    labels = {"balanced_accuracy": "bal. accuracy", "auc_macro": "macro AUC", "mel_vs_nv_auc": "mel vs nv AUC"}
+
+    names = [name.strip() for name in args.corruptions.split(",") if name.strip()] if args.corruptions else None
+    report = shift_report(loaded, rows, corruptions=names, seed=args.shift_seed, batch_size=args.batch_size)
+    json_path, markdown_path = write_shift_report(report, out)
+    header, cells = shift_table(report)
+    table = Table(
+        title=f"{loaded.path}: {args.split}, {len(rows)} images, corruption seed {args.shift_seed}",
+        box=box.SIMPLE_HEAD,  # fits 80 columns with the changes from clean in brackets
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    for index, name in enumerate(header):
+        table.add_column(labels.get(name, name), justify="left" if index == 0 else "right", no_wrap=True)
+    for row in cells:
+        table.add_row(*row)
+    Console().print(table)
+    print(f"wrote {json_path} and {markdown_path}")
     return 0

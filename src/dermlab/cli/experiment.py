@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from dermlab.errors import ConfigError
     from dermlab.evaluation.compare import compare_runs, comparison_markdown, write_comparison
     from dermlab.evaluation.run_summary import summarise_run
+    from dermlab.io import atomic_write_bytes
     from dermlab.training.run import prepare_run_data, train_run
 
     grid = load_grid(args.grid)
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         if not result.is_global_zero:
             continue
         if not shared_splits.is_file():
-            shared_splits.write_bytes((run_dir / "splits.csv").read_bytes())
+            atomic_write_bytes(shared_splits, (run_dir / "splits.csv").read_bytes())
         frame = prepare_run_data(config, run_dir).frame
         summary = summarise_run(
             run_dir,

@@ -20,12 +20,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="predict image files or folders with a run or checkpoint; writes predictions.csv",
         description="One CSV row per readable image: image_id, path, predicted, prob_<class>... Folders are "
         "searched recursively for image files; unreadable files are reported on stderr and skipped. "
-        "Exit code 0 when at least one image was predicted, 2 otherwise. A research tool, not a medical device.",
+        "When the checkpoint holds an abstention rule, an 'uncertain' column says which images it rejects (they "
+        "may not be skin lesions). Exit code 0 when at least one image was predicted, 2 otherwise. "
+        "A research tool, not a medical device.",
     )
     parser.add_argument("run", help="run folder or checkpoint file (with --engine onnx: a .onnx file or a run folder)")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders")
     parser.add_argument("--out", default="predictions.csv", help="output CSV (default predictions.csv)")
     parser.add_argument("--tta", action="store_true", help="average over horizontal and vertical flips")
+    parser.add_argument(
+        "--tta-views",
+        metavar="A,B",
+        help="test-time augmentation views or presets, comma-separated (implies --tta), e.g. identity,hflip,rot180",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--engine", choices=["torch", "onnx"], default="torch", help="inference engine (default torch)")
     parser.set_defaults(handler=run)
@@ -60,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no image files found in " + ", ".join(map(str, args.inputs)), file=sys.stderr)
         return 2
-    predictor = Predictor.from_path(args.run, engine=args.engine, tta=args.tta, batch_size=args.batch_size)
+    tta = args.tta_views if args.tta_views else args.tta
+    predictor = Predictor.from_path(args.run, engine=args.engine, tta=tta, batch_size=args.batch_size)
 
     console = Console(stderr=True)
     results = []
@@ -82,17 +90,21 @@ def run(args: argparse.Namespace) -> int:
     if not results:
         print(f"error: none of the {len(paths)} files could be read as an image", file=sys.stderr)
         return 2
-    table = _predictions_table(results, predictor.classes)
+    table = _predictions_table(results, predictor.classes, abstention=predictor.abstention is not None)
     out = Path(args.out)
     atomic_save(out, lambda tmp: table.to_csv(tmp, index=False))
     note = f", {skipped} skipped" if skipped else ""
     count = f"{len(results)} image{'' if len(results) == 1 else 's'}"
+    if predictor.abstention is not None:
+        note += f", {int(table['uncertain'].sum())} uncertain"
     print(f"wrote {out} ({count}{note}; model {predictor.model_id}, {predictor.engine})")
     return 0
 
 
-def _predictions_table(results: list, classes: list[str]) -> pd.DataFrame:
+def _predictions_table(results: list, classes: list[str], abstention: bool = False) -> pd.DataFrame:
     """``image_id, path, predicted, prob_<class>...``: the columns of ``evaluation.predictions_frame`` less ``true``.
+
+    With ``abstention``, an ``uncertain`` column follows (True where the checkpoint's rule abstains).
 
     Built here rather than with ``predictions_frame``, whose module imports the training stack (Lightning)
     and would add seconds to every ``dermlab predict``.
@@ -110,4 +122,6 @@ def _predictions_table(results: list, classes: list[str]) -> pd.DataFrame:
     )
     for index, name in enumerate(classes):
         table[f"prob_{name}"] = probabilities[:, index]
+    if abstention:
+        table["uncertain"] = [bool(result.uncertain) for result in results]
     return table

@@ -54,17 +54,32 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from dermlab.config import load_config
     from dermlab.evaluation.run_summary import summarise_run
+    from dermlab.training.checkpoint_io import remove_stale_temporaries
     from dermlab.training.run import prepare_run_data, train_run
+    from dermlab.training.signals import TrainingInterrupted
 
     out = Path(args.out)
     if args.resume and (out / "config.yaml").is_file() and not args.config:
         args.config = str(out / "config.yaml")  # a resumed run keeps its own config
     config = resolve_config(args, _flag_overrides(args))
-    result = train_run(config, out, resume=args.resume)
+    try:
+        result = train_run(config, out, resume=args.resume)
+    except TrainingInterrupted as interrupted:  # Ctrl+C: the epoch was finished and saved first
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        return 130
+    except SIGTERMException:  # Lightning stops at the next batch on SIGTERM, and would exit with status 0
+        print(
+            "terminated (SIGTERM): the checkpoint of the last finished epoch is kept; continue with --resume",
+            file=sys.stderr,
+        )
+        return 143
     if not result.is_global_zero:
         return 0
+    remove_stale_temporaries(out, recursive=True)  # e.g. a plot whose write a kill cut short; training is over
     data = prepare_run_data(load_config(out / "config.yaml"), out)
     summary = summarise_run(
         out,

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dermlab.data.images import read_image
+from dermlab.errors import DataError
 
 __all__ = ["ImageDataset", "KeyedSampler", "SeededRandomSampler", "DermDataModule", "draw_seed"]
 
@@ -32,7 +33,8 @@ class ImageDataset(Dataset):
     """Rows of a dataset frame as ``(image_tensor, label_index)``.
 
     ``frame`` needs ``path`` and ``label`` columns; ``classes`` fixes the label order. An index may be an int
-    or an ``(index, seed)`` pair from :class:`KeyedSampler`.
+    or an ``(index, seed)`` pair from :class:`KeyedSampler`. With ``metadata`` (one encoded row per frame row,
+    for metadata fusion) items are ``((image_tensor, metadata_row), label_index)``.
     """
 
     def __init__(
@@ -41,12 +43,16 @@ class ImageDataset(Dataset):
         classes: Sequence[str],
         transform: Callable[[Any], torch.Tensor],
         image_loader: Callable[[str], Any] = read_image,
+        metadata: torch.Tensor | None = None,
     ) -> None:
         self.paths = frame["path"].astype(str).tolist()
         index = {name: i for i, name in enumerate(classes)}
         self.labels = np.array([index[label] for label in frame["label"]], dtype=np.int64)
         self.transform = transform
         self.image_loader = image_loader
+        if metadata is not None and len(metadata) != len(self.paths):
+            raise DataError(f"metadata has {len(metadata)} rows for {len(self.paths)} images")
+        self.metadata = metadata
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -58,6 +64,8 @@ class ImageDataset(Dataset):
         else:
             index = key
         image = self.image_loader(self.paths[index])
+        if self.metadata is not None:
+            return (self.transform(image), self.metadata[index]), int(self.labels[index])  # type: ignore[return-value]
         return self.transform(image), int(self.labels[index])
 
 
@@ -121,6 +129,8 @@ class DermDataModule(L.LightningDataModule):
         seed: int = 0,
         train_sampler: Sampler[int] | None = None,
         pin_memory: bool = False,
+        image_loader: Callable[[str], Any] = read_image,
+        metadata_encoder: Callable[[pd.DataFrame], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.frame = frame
@@ -133,6 +143,8 @@ class DermDataModule(L.LightningDataModule):
         self.seed = seed
         self.train_sampler = train_sampler
         self.pin_memory = pin_memory
+        self.image_loader = image_loader  # e.g. a dermlab.data.cache.ImageCache instead of decoding files
+        self.metadata_encoder = metadata_encoder  # metadata fusion: frame -> (N, D) tensor; None = images only
 
     def split_frame(self, split: str) -> pd.DataFrame:
         return self.frame[self.frame["split"] == split].reset_index(drop=True)
@@ -149,13 +161,18 @@ class DermDataModule(L.LightningDataModule):
             drop_last=False,
         )
 
+    def _dataset(self, split: str, transform: Callable[[Any], torch.Tensor]) -> ImageDataset:
+        frame = self.split_frame(split)
+        metadata = self.metadata_encoder(frame) if self.metadata_encoder is not None else None
+        return ImageDataset(frame, self.classes, transform, self.image_loader, metadata=metadata)
+
     def train_dataloader(self) -> DataLoader:
-        dataset = ImageDataset(self.split_frame("train"), self.classes, self.train_transform)
+        dataset = self._dataset("train", self.train_transform)
         base = self.train_sampler or SeededRandomSampler(len(dataset), seed=self.seed)
         return self._loader(dataset, self.batch_size, KeyedSampler(base, seed=self.seed))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(ImageDataset(self.split_frame("val"), self.classes, self.eval_transform), self.eval_batch_size)
+        return self._loader(self._dataset("val", self.eval_transform), self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(ImageDataset(self.split_frame("test"), self.classes, self.eval_transform), self.eval_batch_size)
+        return self._loader(self._dataset("test", self.eval_transform), self.eval_batch_size)

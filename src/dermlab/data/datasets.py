@@ -418,7 +418,8 @@ def _read_csv(csv_file: Path) -> pd.DataFrame:
             start = reader.line_num + 1
     except csv.Error as error:
         raise DataError(f"{csv_file} line {reader.line_num}: not valid CSV ({error})") from None
-    assert header is not None
+    if header is None:
+        raise DataError(f"{csv_file}: no header row with column names (the file holds only empty cells)")
     if not rows:
         raise DataError(f"{csv_file}: no data rows below the header")
     if len(set(header)) != len(header):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +14,29 @@ from torch.utils.data import DataLoader
 
 from dermlab.config import EvaluationConfig
 from dermlab.data.datamodule import ImageDataset
+from dermlab.data.images import read_image
 from dermlab.data.transforms import create_transform
 from dermlab.errors import DataError
+from dermlab.evaluation.abstention import AbstentionRule, abstention_summary
 from dermlab.evaluation.calibration import reliability_bins
 from dermlab.evaluation.metrics import compute_metrics
 from dermlab.evaluation.plots import plot_confusion_matrix, plot_reliability_diagram, plot_roc_curves
+from dermlab.evaluation.tta import average_probabilities, resolve_tta_views, view_logits
 from dermlab.io import atomic_save, atomic_write_json
 from dermlab.models.checkpoint import LoadedModel
+from dermlab.models.fusion import encode_metadata, uses_metadata
 
-__all__ = ["predict_logits", "predictions_frame", "evaluate_frame", "score_predictions"]
+__all__ = [
+    "predict_logits",
+    "predict_view_logits",
+    "predict_image_logits",
+    "predictions_frame",
+    "evaluate_frame",
+    "score_logits",
+    "score_predictions",
+    "resolve_temperature",
+    "resolve_abstention",
+]
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +52,105 @@ def predict_logits(
     batch_size: int = 64,
     num_workers: int = 0,
     device: torch.device | None = None,
+    image_loader: Callable[[str], Any] | None = None,
 ) -> np.ndarray:
-    """Logits ``(N, C)`` of the rows of ``frame`` (``path`` column), preprocessed as the checkpoint says."""
+    """Logits ``(N, C)`` of the rows of ``frame`` (``path`` column), preprocessed as the checkpoint says.
+
+    ``image_loader(path) -> PIL image`` replaces :func:`read_image` (the shift report corrupts images there).
+    """
     device = device or _device()
     transform = create_transform("none", loaded.preprocessing, train=False)
     labels_known = frame.assign(label=loaded.classes[0])  # labels are not needed for inference
-    dataset = ImageDataset(labels_known, loaded.classes, transform)
+    dataset = ImageDataset(labels_known, loaded.classes, transform, image_loader or read_image, metadata=_metadata(loaded, frame))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     model = loaded.model.to(device).eval()
-    outputs = [model(images.to(device)).float().cpu() for images, _ in loader]
+    outputs = [_forward(model, inputs, device)(_images(inputs, device)).float().cpu() for inputs, _ in loader]
     if not outputs:
         return np.zeros((0, len(loaded.classes)), dtype=np.float32)
     return torch.cat(outputs).numpy()
+
+
+@torch.inference_mode()
+def predict_view_logits(
+    loaded: LoadedModel,
+    frame: pd.DataFrame,
+    views: Sequence[str] = ("identity",),
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | None = None,
+    image_loader: Callable[[str], Any] | None = None,
+) -> np.ndarray:
+    """Logits ``(V, N, C)`` of each test-time augmentation view (:mod:`dermlab.evaluation.tta`) of each row.
+
+    Every image is decoded once; the views are taken of its preprocessed tensor, as serving does.
+    """
+    device = device or _device()
+    views = resolve_tta_views(list(views))
+    transform = create_transform("none", loaded.preprocessing, train=False)
+    labels_known = frame.assign(label=loaded.classes[0])  # labels are not needed for inference
+    dataset = ImageDataset(labels_known, loaded.classes, transform, image_loader or read_image, metadata=_metadata(loaded, frame))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    model = loaded.model.to(device).eval()
+    outputs = [view_logits(_forward(model, inputs, device), _images(inputs, device), views).cpu() for inputs, _ in loader]
+    if not outputs:
+        return np.zeros((len(views), 0, len(loaded.classes)), dtype=np.float32)
+    return torch.cat(outputs, dim=1).numpy()
+
+
+@torch.inference_mode()
+def predict_image_logits(
+    loaded: LoadedModel,
+    images: Sequence[Any],
+    views: Sequence[str] = ("identity",),
+    batch_size: int = 64,
+    device: torch.device | None = None,
+) -> np.ndarray:
+    """Logits ``(V, N, C)`` of PIL images (converted to RGB), preprocessed as the checkpoint says."""
+    device = device or _device()
+    views = resolve_tta_views(list(views))
+    transform = create_transform("none", loaded.preprocessing, train=False)
+    model = loaded.model.to(device).eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([transform(image.convert("RGB")) for image in images[start : start + batch_size]])
+        outputs.append(view_logits(model, batch.to(device), views).cpu())
+    if not outputs:
+        return np.zeros((len(views), 0, len(loaded.classes)), dtype=np.float32)
+    return torch.cat(outputs, dim=1).numpy()
+
+
+def _metadata(loaded: LoadedModel, frame: pd.DataFrame) -> torch.Tensor | None:
+    """Encoded age / sex / localization for a metadata-fusion model, else None (images only)."""
+    return encode_metadata(frame.reset_index(drop=True)) if uses_metadata(loaded.model) else None
+
+
+def _images(inputs: Any, device: torch.device) -> torch.Tensor:
+    return (inputs[0] if isinstance(inputs, (tuple, list)) else inputs).to(device)
+
+
+def _forward(model: torch.nn.Module, inputs: Any, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``images -> logits``; a batch from a dataset with metadata binds its metadata rows."""
+    if isinstance(inputs, (tuple, list)):
+        metadata = inputs[1].to(device)
+        return lambda images: model(images, metadata)
+    return model
+
+
+def resolve_temperature(loaded: LoadedModel) -> float:
+    """The checkpoint's fitted temperature (``checkpoint["dermlab"]["temperature"]``), 1.0 when it has none."""
+    value = loaded.extras.get("temperature")
+    if value is None:
+        return 1.0
+    temperature = float(value)
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise DataError(f"{loaded.path}: temperature must be a finite number > 0, got {value!r}")
+    return temperature
+
+
+def resolve_abstention(loaded: LoadedModel) -> AbstentionRule | None:
+    """The checkpoint's abstention rule (``checkpoint["dermlab"]["abstention"]``), or None."""
+    value = loaded.extras.get("abstention")
+    return AbstentionRule.from_dict(value, str(loaded.path)) if value else None
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -77,8 +178,15 @@ def score_predictions(
     out_dir: Path,
     evaluation: EvaluationConfig,
     title: str = "",
+    *,
+    uncalibrated: np.ndarray | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Metrics and plots from a predictions frame; writes ``metrics.json``, ``predictions.csv`` and PNGs."""
+    """Metrics and plots from a predictions frame; writes ``metrics.json``, ``predictions.csv`` and PNGs.
+
+    ``uncalibrated``: the probabilities before temperature scaling, drawn beside the frame's own in the
+    reliability diagram. ``extra`` entries are added to the metrics.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     index = {name: i for i, name in enumerate(classes)}
     unknown = sorted(set(predictions["true"]) - set(index))
@@ -96,13 +204,19 @@ def score_predictions(
         fixed_sensitivity=evaluation.fixed_sensitivity,
         ece_bins=evaluation.ece_bins,
     )
+    metrics.update(extra or {})
     atomic_save(out_dir / "predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
     atomic_write_json(out_dir / "metrics.json", metrics)
     cm = np.asarray(metrics["confusion_matrix"])
     plot_confusion_matrix(cm, list(classes), out_dir / "confusion_matrix.png", normalize=False)
     plot_confusion_matrix(cm, list(classes), out_dir / "confusion_matrix_normalized.png", normalize=True)
     plot_roc_curves(y_true, y_prob, list(classes), out_dir / "roc.png")
-    plot_reliability_diagram(reliability_bins(y_true, y_prob, n_bins=evaluation.ece_bins), out_dir / "reliability.png")
+    bins = reliability_bins(y_true, y_prob, n_bins=evaluation.ece_bins)
+    if uncalibrated is None:
+        plot_reliability_diagram(bins, out_dir / "reliability.png")
+    else:
+        before = reliability_bins(y_true, uncalibrated, n_bins=evaluation.ece_bins)
+        plot_reliability_diagram(before, out_dir / "reliability.png", calibrated=bins)
     return metrics
 
 
@@ -113,11 +227,88 @@ def evaluate_frame(
     evaluation: EvaluationConfig | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
+    *,
+    tta: bool | str | Sequence[str] | None = None,
+    calibrated: bool = True,
+    abstain: bool = True,
 ) -> dict[str, Any]:
-    """Run the model over labelled rows and score them (see :func:`score_predictions`)."""
+    """Run the model over labelled rows and score them (see :func:`score_logits`).
+
+    ``tta``: views to average (default ``evaluation.tta``). ``calibrated``: apply the checkpoint's temperature.
+    ``abstain``: apply the checkpoint's abstention rule (an ``uncertain`` column and an ``abstention`` entry).
+    """
     if len(frame) == 0:
         raise DataError("nothing to evaluate: the chosen split is empty")
-    logits = predict_logits(loaded, frame, batch_size=batch_size, num_workers=num_workers)
-    probabilities = _softmax(logits)
-    predictions = predictions_frame(frame, loaded.classes, probabilities)
-    return score_predictions(predictions, loaded.classes, out_dir, evaluation or loaded.config.evaluation)
+    evaluation = evaluation or loaded.config.evaluation
+    views = resolve_tta_views(evaluation.tta if tta is None else tta)
+    logits = predict_view_logits(loaded, frame, views, batch_size=batch_size, num_workers=num_workers)
+    return score_logits(
+        logits,
+        frame,
+        loaded.classes,
+        out_dir,
+        evaluation,
+        temperature=resolve_temperature(loaded) if calibrated else 1.0,
+        abstention=resolve_abstention(loaded) if abstain else None,
+        views=views,
+    )
+
+
+def score_logits(
+    logits: np.ndarray,
+    frame: pd.DataFrame,
+    classes: Sequence[str],
+    out_dir: Path,
+    evaluation: EvaluationConfig,
+    *,
+    temperature: float = 1.0,
+    abstention: AbstentionRule | None = None,
+    views: Sequence[str] = ("identity",),
+) -> dict[str, Any]:
+    """Score view logits ``(V, N, C)`` (or ``(N, C)``) of labelled rows (see :func:`score_predictions`).
+
+    Probabilities are the views' mean of ``softmax(logits / temperature)``, as ``dermlab predict`` and the
+    service compute them. The metrics also hold ``tta`` (the views) and ``calibration`` (the temperature, ECE
+    and NLL before and after it); with ``abstention`` also ``abstention`` (share rejected, accuracy of the
+    accepted), and predictions.csv gets an ``uncertain`` column.
+    """
+    logits = np.asarray(logits)
+    probabilities = average_probabilities(logits, temperature)
+    raw = average_probabilities(logits, 1.0) if temperature != 1.0 else probabilities
+    predictions = predictions_frame(frame, classes, probabilities)
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted(set(predictions["true"]) - set(index))
+    if unknown:
+        raise DataError(f"labels {unknown} are not among the model's classes {list(classes)}")
+    y_true = predictions["true"].map(index).to_numpy(dtype=np.int64)
+    extra: dict[str, Any] = {
+        "tta": list(views),
+        "calibration": {
+            "temperature": float(temperature),
+            "ece_before": reliability_bins(y_true, raw, n_bins=evaluation.ece_bins)["ece"],
+            "ece_after": reliability_bins(y_true, probabilities, n_bins=evaluation.ece_bins)["ece"],
+            "nll_before": _nll(y_true, raw),
+            "nll_after": _nll(y_true, probabilities),
+        },
+    }
+    if abstention is not None:
+        rejected = abstention.reject(logits)
+        predictions["uncertain"] = rejected
+        extra["abstention"] = {
+            **abstention_summary(y_true, probabilities, rejected),
+            "thresholds": dict(abstention.thresholds),
+            "val_false_rejection_target": abstention.false_rejection,
+        }
+    return score_predictions(
+        predictions,
+        classes,
+        out_dir,
+        evaluation,
+        uncalibrated=raw if temperature != 1.0 else None,
+        extra=extra,
+    )
+
+
+def _nll(y_true: np.ndarray, probabilities: np.ndarray) -> float:
+    picked = probabilities[np.arange(y_true.size), y_true]
+    return float(-np.mean(np.log(np.clip(picked, 1e-12, None))))

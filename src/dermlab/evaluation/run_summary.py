@@ -1,4 +1,9 @@
-"""Finishing a run folder: score val and test with the best checkpoint, write metrics.json, curves, report."""
+"""Finishing a run folder: score val and test with the best checkpoint, write metrics.json, curves, report.
+
+Before scoring, the best checkpoint is completed with what is fitted on the val split alone: a temperature
+(``evaluation.calibrate``) and abstention thresholds (``evaluation.abstain_false_rejection``), stored in
+``checkpoint["dermlab"]`` so that evaluate, predict and serve apply them. ``model_card.md`` is written last.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,23 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from dermlab.evaluation.evaluate import evaluate_frame
+from dermlab.evaluation.abstention import AbstentionRule, fit_abstention, synthetic_non_lesion_images
+from dermlab.evaluation.evaluate import (
+    predict_image_logits,
+    predict_view_logits,
+    resolve_abstention,
+    resolve_temperature,
+    score_logits,
+)
+from dermlab.evaluation.model_card import write_model_card
 from dermlab.evaluation.plots import plot_training_curves
 from dermlab.evaluation.report import write_report
+from dermlab.evaluation.tta import fit_tta_temperature, resolve_tta_views
 from dermlab.io import atomic_write_json
-from dermlab.models.checkpoint import load_checkpoint
+from dermlab.models.checkpoint import LoadedModel, load_checkpoint, update_checkpoint_metadata
 
 __all__ = ["summarise_run"]
 
@@ -26,18 +41,39 @@ def summarise_run(
     extras: dict[str, Any] | None = None,
     num_workers: int = 0,
 ) -> dict[str, Any]:
-    """Evaluate the run's best checkpoint on each split present in ``frame['split']`` and write the summary."""
+    """Evaluate the run's best checkpoint on each split present in ``frame['split']`` and write the summary.
+
+    With a val split, the temperature and the abstention thresholds are fitted on it first and stored in the
+    best checkpoint (see the module docstring); every split is then scored with them.
+    """
     run_dir = Path(run_dir)
     loaded = load_checkpoint(run_dir)
     batch_size = loaded.config.data.eval_batch_size
+    evaluation = loaded.config.evaluation
+    views = resolve_tta_views(evaluation.tta)
+    rows = {split: frame[frame["split"] == split].reset_index(drop=True) for split in splits}
+    rows = {split: part for split, part in rows.items() if len(part) > 0}
+    logits = {
+        split: predict_view_logits(loaded, part, views, batch_size=batch_size, num_workers=num_workers)
+        for split, part in rows.items()
+    }
+    facts = _fit_on_val(loaded, rows.get("val"), logits.get("val"), views)
+    rule = resolve_abstention(loaded)
     summary: dict[str, Any] = {}
-    for split in splits:
-        rows = frame[frame["split"] == split].reset_index(drop=True)
-        if len(rows) == 0:
-            continue
-        summary[split] = evaluate_frame(
-            loaded, rows, run_dir / "eval" / split, loaded.config.evaluation, batch_size=batch_size, num_workers=num_workers
+    for split, part in rows.items():
+        summary[split] = score_logits(
+            logits[split],
+            part,
+            loaded.classes,
+            run_dir / "eval" / split,
+            evaluation,
+            temperature=resolve_temperature(loaded),
+            abstention=rule,
+            views=views,
         )
+    summary.update(facts)
+    if rule is not None:
+        summary["ood_rejection"] = _non_lesion_rejection(loaded, rule, views, batch_size)
     summary.update(extras or {})
     atomic_write_json(run_dir / "metrics.json", summary)
     metrics_csv = run_dir / "logs" / "metrics.csv"
@@ -46,5 +82,52 @@ def summarise_run(
             plot_training_curves(metrics_csv, run_dir / "plots" / "training_curves.png")
         except Exception as error:  # curves are a nicety; never lose the run's metrics over them
             log.warning("could not plot training curves: %s", error)
+    try:
+        write_model_card(run_dir)
+    except Exception as error:  # the card is generated from the files above; never lose the run over it
+        log.warning("could not write the model card: %s", error)
     write_report(run_dir)
     return summary
+
+
+def _fit_on_val(
+    loaded: LoadedModel, val: pd.DataFrame | None, logits: np.ndarray | None, views: tuple[str, ...]
+) -> dict[str, Any]:
+    """Fit the temperature and the abstention rule on val, store them in the checkpoint, return the facts.
+
+    Without a val split nothing is fitted and the checkpoint keeps what it holds.
+    """
+    evaluation = loaded.config.evaluation
+    temperature = resolve_temperature(loaded)
+    if val is None or logits is None:
+        return {"temperature": temperature, "calibration": {"temperature": temperature, "fitted": False}}
+    index = {name: i for i, name in enumerate(loaded.classes)}
+    y_val = val["label"].map(index).to_numpy(dtype=np.int64)
+    fitted = bool(evaluation.calibrate)
+    if fitted:
+        temperature = fit_tta_temperature(logits, y_val)
+    calibration = {"temperature": temperature, "fitted": fitted, "fitted_on": "val", "views": list(views), "n": int(y_val.size)}
+    rule: AbstentionRule | None = None
+    if evaluation.abstain_false_rejection > 0:
+        rule = fit_abstention(
+            logits, evaluation.abstain_false_rejection, evaluation.abstain_scores, temperature=temperature, views=views
+        )
+    entries: dict[str, Any] = {"abstention": rule.to_dict() if rule is not None else None}
+    if fitted:
+        entries.update(temperature=temperature, calibration=calibration)
+    update_checkpoint_metadata(loaded.path, **entries)
+    loaded.extras.update(entries)
+    log.info("fitted on val: temperature %.4f, abstention %s", temperature, rule.thresholds if rule else "off")
+    return {"temperature": temperature, "calibration": calibration, "abstention": entries["abstention"]}
+
+
+def _non_lesion_rejection(
+    loaded: LoadedModel, rule: AbstentionRule, views: tuple[str, ...], batch_size: int
+) -> dict[str, float]:
+    """Share of synthetic non-lesion images (solid colours, noise, patterns) the rule rejects, by kind."""
+    height, width = loaded.preprocessing.input_size
+    shares = {}
+    for kind, images in synthetic_non_lesion_images((width, height), per_kind=8, seed=0).items():
+        logits = predict_image_logits(loaded, images, views, batch_size=batch_size)
+        shares[kind] = float(rule.reject(logits).mean())
+    return shares

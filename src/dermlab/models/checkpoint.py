@@ -24,6 +24,7 @@ __all__ = [
     "save_checkpoint",
     "resolve_checkpoint_path",
     "checkpoint_metadata",
+    "update_checkpoint_metadata",
 ]
 
 FORMAT_VERSION = 1
@@ -78,6 +79,22 @@ def save_checkpoint(
     return path
 
 
+def update_checkpoint_metadata(path: str | Path, **entries: Any) -> Path:
+    """Set entries of ``checkpoint["dermlab"]`` (plain data, e.g. ``temperature=1.7``) in place, atomically.
+
+    The file is read with ``weights_only=True`` and written back whole; everything else stays as it was.
+    """
+    from dermlab.io import atomic_save
+
+    path = resolve_checkpoint_path(path)
+    checkpoint = _read_checkpoint(path)
+    if any(key in {"config", "classes", "preprocessing", "format_version"} for key in entries):
+        raise CheckpointError(f"{path}: config, classes, preprocessing and format_version are not updatable")
+    checkpoint["dermlab"] = {**checkpoint["dermlab"], **entries}
+    atomic_save(path, lambda tmp: torch.save(checkpoint, tmp))
+    return path
+
+
 def resolve_checkpoint_path(path: str | Path) -> Path:
     """A run folder resolves to its best checkpoint (else its last); a file is taken as it is."""
     path = Path(path)
@@ -92,15 +109,20 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
         raise CheckpointError(f"{path}: refused to load, the file holds more than weights ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
+    except Exception as error:  # noqa: BLE001 - a damaged file fails in many ways (zip, pickle, storage)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
     if not isinstance(checkpoint, dict) or "dermlab" not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path}: not a dermlab checkpoint (no 'dermlab' metadata or 'state_dict')")
+    if not isinstance(checkpoint["dermlab"], dict) or not isinstance(checkpoint["state_dict"], dict):
+        raise CheckpointError(f"{path}: damaged dermlab checkpoint ('dermlab' and 'state_dict' must be mappings)")
     return checkpoint
 
 
@@ -113,13 +135,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     meta = checkpoint["dermlab"]
     try:
         config = config_from_dict(meta["config"])
-        classes = [str(c) for c in meta["classes"]]
+        classes = meta["classes"]
+        if not isinstance(classes, list) or not classes or len(set(map(str, classes))) != len(classes):
+            raise ValueError(f"classes must be a non-empty list of distinct names, got {classes!r}")
+        classes = [str(c) for c in classes]
         preprocessing = Preprocessing.from_dict(meta["preprocessing"])
     except (KeyError, ConfigError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: damaged dermlab metadata ({error})") from None
     model_config = config.model
     # the weights come from the checkpoint: never reach for the hub, a package or a weights file again
-    model = create_model(model_config, len(classes), load_weights=False)
+    try:
+        model = create_model(model_config, len(classes), load_weights=False)
+    except (ConfigError, RuntimeError, ValueError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: cannot rebuild {model_config.name!r} ({detail})") from None
     state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     try:
         model.load_state_dict(state, strict=True)

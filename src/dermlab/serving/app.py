@@ -1,7 +1,8 @@
 """The web app: ``create_app(predictor)`` builds a FastAPI app serving predictions, Grad-CAM and a web page.
 
 Endpoints: ``POST /predict`` and ``POST /explain`` (multipart field ``file``), ``GET /health``, ``GET /`` (the
-page), ``/docs`` and ``/openapi.json``. Uploads are bounded: a Content-Length over the limit is refused before
+page), ``/docs`` and ``/openapi.json``. When the checkpoint holds an abstention rule, ``/predict`` answers
+``"uncertain": true`` with a message ("this image may not be a skin lesion") for images the rule rejects. Uploads are bounded: a Content-Length over the limit is refused before
 any byte is read, and a body that grows past it while streaming is cut off (413). Images are decoded by
 :func:`dermlab.data.images.open_image_bytes` (EXIF orientation, every colour mode, decompression-bomb limit).
 Endpoints are plain ``def`` functions, so inference runs in the threadpool; the predictor's lock serialises
@@ -21,6 +22,7 @@ from PIL import Image
 from dermlab import __version__
 from dermlab.data.images import DEFAULT_MAX_PIXELS, open_image_bytes
 from dermlab.errors import ConfigError, DataError
+from dermlab.evaluation.abstention import UNCERTAIN_MESSAGE
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -109,6 +111,9 @@ def create_app(
             "model_id": predictor.model_id,
             "classes": list(predictor.classes),
             "engine": getattr(predictor, "engine", "torch"),
+            "temperature": getattr(predictor, "temperature", None),
+            "tta_views": list(getattr(predictor, "tta_views", ("identity",))),
+            "abstention": getattr(predictor, "abstention", None) is not None,
             "disclaimer": DISCLAIMER,
         }
 
@@ -117,12 +122,20 @@ def create_app(
         file: UploadFile = File(..., description="an image (JPEG, PNG, TIFF, BMP, WebP, GIF)"),
     ) -> dict[str, Any]:
         image = read_upload(file)
-        probabilities = predictor.predict_images([image])[0]
+        abstaining = getattr(predictor, "predict_with_abstention", None)
+        if abstaining is not None:
+            result = abstaining([image])
+            probabilities, uncertain, reasons = result.probabilities[0], bool(result.uncertain[0]), result.reasons[0]
+        else:  # a predictor without abstention support
+            probabilities, uncertain, reasons = predictor.predict_images([image])[0], False, []
         top = int(np.argmax(probabilities))
         return {
             "probabilities": {name: float(p) for name, p in zip(predictor.classes, probabilities)},
             "top_class": predictor.classes[top],
             "top_probability": float(probabilities[top]),
+            "uncertain": uncertain,
+            "message": UNCERTAIN_MESSAGE if uncertain else None,
+            "uncertain_reasons": reasons,
             "model_id": predictor.model_id,
             "disclaimer": DISCLAIMER,
         }

@@ -1,4 +1,5 @@
-"""Inference from a checkpoint alone (or its ONNX export): preprocessing, batching, TTA, temperature, Grad-CAM.
+"""Inference from a checkpoint alone (or its ONNX export): preprocessing, batching, TTA, temperature,
+abstention, Grad-CAM.
 
 A :class:`Predictor` is shared by every request of the web app, so each call into the network holds a lock:
 concurrent callers are served one batch at a time and never race on the model (or on Grad-CAM's hooks).
@@ -24,14 +25,16 @@ from dermlab.data.images import read_image
 from dermlab.data.preprocessing import Preprocessing
 from dermlab.data.transforms import create_transform
 from dermlab.errors import CheckpointError, ConfigError, DataError
+from dermlab.evaluation.abstention import AbstentionRule
+from dermlab.evaluation.tta import DEFAULT_TTA_VIEWS, TTA_VIEWS, average_probabilities, resolve_tta_views, view_logits
 from dermlab.models.checkpoint import LoadedModel
-from dermlab.registry import Registry
 
 __all__ = [
     "ENGINES",
     "TTA_VIEWS",
     "DEFAULT_TTA_VIEWS",
     "PathPrediction",
+    "AbstainingPrediction",
     "Predictor",
     "OnnxPredictor",
     "resolve_onnx_path",
@@ -41,39 +44,37 @@ log = logging.getLogger(__name__)
 
 ENGINES = ("torch", "onnx")
 
-#: Test-time augmentation views by name: ``view(batch (N, 3, H, W)) -> batch`` on the normalised input.
-#: Probabilities are averaged over the chosen views. Register more (rotations, crops) here.
-TTA_VIEWS: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("TTA view")
-TTA_VIEWS.add("identity", lambda batch: batch)
-TTA_VIEWS.add("hflip", lambda batch: torch.flip(batch, dims=[-1]))
-TTA_VIEWS.add("vflip", lambda batch: torch.flip(batch, dims=[-2]))
-
-DEFAULT_TTA_VIEWS = ("identity", "hflip", "vflip")
-"""The views ``tta=True`` uses."""
+# TTA_VIEWS and DEFAULT_TTA_VIEWS live in dermlab.evaluation.tta (evaluation averages the same views) and are
+# re-exported here.
 
 _OVERLAY_MAX_SIDE = 512  # Grad-CAM overlays are returned at most this large (keeps responses small)
 
 
 @dataclass(frozen=True)
 class PathPrediction:
-    """One image file's class probabilities, in the predictor's class order."""
+    """One image file's class probabilities, in the predictor's class order, and the abstention verdict."""
 
     path: Path
     probabilities: np.ndarray
+    uncertain: bool = False
+    reasons: tuple[str, ...] = ()
 
 
-def _resolve_tta(tta: bool | Sequence[str]) -> tuple[str, ...]:
-    if tta is True:
-        views: tuple[str, ...] = DEFAULT_TTA_VIEWS
-    elif tta is False or tta is None:
-        views = ("identity",)
-    else:
-        views = tuple(tta)
-    if not views:
-        raise ConfigError("tta needs at least one view (e.g. identity)")
-    for name in views:
-        TTA_VIEWS.get(name)  # unknown names raise, listing the valid ones
-    return views
+@dataclass(frozen=True)
+class AbstainingPrediction:
+    """Probabilities ``(N, C)`` and, per image, whether the abstention rule answers "uncertain" and why.
+
+    Without a rule in the checkpoint, ``uncertain`` is all False and ``reasons`` are empty.
+    """
+
+    probabilities: np.ndarray
+    uncertain: np.ndarray
+    reasons: list[list[str]]
+    scores: dict[str, np.ndarray]
+
+
+def _resolve_abstention(value: Any, source: str) -> AbstentionRule | None:
+    return AbstentionRule.from_dict(value, source) if value else None
 
 
 def _resolve_temperature(value: Any, source: str) -> float:
@@ -108,6 +109,7 @@ class Predictor:
             temperature=_resolve_temperature(loaded.extras.get("temperature"), str(loaded.path)),
             tta=tta,
             batch_size=batch_size,
+            abstention=_resolve_abstention(loaded.extras.get("abstention"), str(loaded.path)),
         )
 
     def _setup(
@@ -119,6 +121,7 @@ class Predictor:
         temperature: float,
         tta: bool | Sequence[str],
         batch_size: int,
+        abstention: AbstentionRule | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -126,8 +129,9 @@ class Predictor:
         self.preprocessing = preprocessing
         self.model_id = model_id
         self.temperature = temperature
-        self.tta_views = _resolve_tta(tta)
+        self.tta_views = resolve_tta_views(tta)
         self.batch_size = batch_size
+        self.abstention = abstention
         self._transform = create_transform("none", preprocessing, train=False)
         self._lock = threading.Lock()
 
@@ -172,15 +176,40 @@ class Predictor:
         with torch.inference_mode():
             return self._model(batch.to(self._device)).float().cpu()
 
+    def _locked_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            return self._logits(batch)
+
+    def tta_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """Raw logits ``(V, N, C)`` of a preprocessed batch, one slice per TTA view."""
+        return view_logits(self._locked_logits, batch, self.tta_views)
+
     def predict_tensor(self, batch: torch.Tensor) -> np.ndarray:
         """Probabilities ``(N, C)`` of a preprocessed batch: TTA views averaged, temperature applied."""
-        total = torch.zeros(batch.shape[0], len(self.classes), dtype=torch.float64)
-        for name in self.tta_views:
-            view = TTA_VIEWS.get(name)(batch)
-            with self._lock:
-                logits = self._logits(view)
-            total += torch.softmax(logits.double() / self.temperature, dim=1)
-        return (total / len(self.tta_views)).float().numpy()
+        return average_probabilities(self.tta_logits(batch), self.temperature).astype(np.float32)
+
+    def predict_with_abstention(self, images: Sequence[Image.Image]) -> AbstainingPrediction:
+        """Probabilities of PIL images plus the checkpoint's abstention verdict (see :class:`AbstainingPrediction`)."""
+        probabilities, uncertain, reasons, scores = [], [], [], []
+        for start in range(0, len(images), self.batch_size):
+            logits = self.tta_logits(self.preprocess(images[start : start + self.batch_size]))
+            probabilities.append(average_probabilities(logits, self.temperature).astype(np.float32))
+            if self.abstention is not None:
+                chunk_scores = self.abstention.scores(logits)
+                chunk_reasons = self.abstention.reasons(chunk_scores)
+                scores.append(chunk_scores)
+                reasons.extend(chunk_reasons)
+                uncertain.extend(bool(r) for r in chunk_reasons)
+            else:
+                reasons.extend([] for _ in range(logits.shape[1]))
+                uncertain.extend(False for _ in range(logits.shape[1]))
+        names = list(self.abstention.thresholds) if self.abstention is not None else []
+        return AbstainingPrediction(
+            probabilities=np.concatenate(probabilities) if probabilities else np.zeros((0, len(self.classes)), np.float32),
+            uncertain=np.asarray(uncertain, dtype=bool),
+            reasons=reasons,
+            scores={name: np.concatenate([chunk[name] for chunk in scores]) for name in names} if scores else {},
+        )
 
     def predict_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Class probabilities ``(N, C)`` (rows sum to 1) for PIL images, in batches of ``batch_size``."""
@@ -219,9 +248,9 @@ class Predictor:
             yield from self._flush(pending)
 
     def _flush(self, pending: list[tuple[Path, Image.Image]]) -> Iterator[PathPrediction]:
-        probabilities = self.predict_tensor(self.preprocess([image for _, image in pending]))
-        for (path, _), row in zip(pending, probabilities):
-            yield PathPrediction(path, row)
+        result = self.predict_with_abstention([image for _, image in pending])
+        for (path, _), row, uncertain, reasons in zip(pending, result.probabilities, result.uncertain, result.reasons):
+            yield PathPrediction(path, row, bool(uncertain), tuple(reasons))
 
     # ------------------------------------------------------------------------------------------- explanation
 
@@ -319,6 +348,7 @@ class OnnxPredictor(Predictor):
             temperature=_resolve_temperature(metadata.get("temperature"), str(self.path)),
             tta=tta,
             batch_size=batch_size,
+            abstention=_resolve_abstention(metadata.get("abstention"), str(self.path)),
         )
 
     def _read_metadata(self) -> dict[str, Any]:

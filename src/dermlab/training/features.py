@@ -69,20 +69,26 @@ def load_or_compute_features(cache_dir: Path, key_parts: dict[str, Any], compute
 
 
 class FeatureDataset(Dataset):
-    """``(features, label)`` pairs over a ``(views, N, F)`` tensor, indexed flat as ``view * N + i``."""
+    """``(features, label)`` pairs over a ``(views, N, F)`` tensor, indexed flat as ``view * N + i``.
 
-    def __init__(self, features: torch.Tensor, labels: Sequence[int]) -> None:
+    With ``metadata`` (``(N, D)``, for metadata fusion) items are ``((features, metadata_row), label)``.
+    """
+
+    def __init__(self, features: torch.Tensor, labels: Sequence[int], metadata: torch.Tensor | None = None) -> None:
         if features.dim() == 2:
             features = features.unsqueeze(0)
         self.features = features
         self.labels = torch.as_tensor(list(labels), dtype=torch.long)
         self.num_items = features.shape[1]
+        self.metadata = metadata
 
     def __len__(self) -> int:
         return self.features.shape[0] * self.num_items
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         view, item = divmod(int(index), self.num_items)
+        if self.metadata is not None:
+            return (self.features[view, item], self.metadata[item]), self.labels[item]  # type: ignore[return-value]
         return self.features[view, item], self.labels[item]
 
 

@@ -72,7 +72,9 @@ class ClassifierModule(L.LightningModule):
         self.val_auroc = MulticlassAUROC(num_classes=num_classes, average=None)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        if isinstance(inputs, (tuple, list)):  # (images or features, metadata): metadata fusion
+            return self.model.forward_head(*inputs) if self.features_input else self.model(*inputs)
         if self.features_input:
             return self.model.forward_head(inputs)
         return self.model(inputs)

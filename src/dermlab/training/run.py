@@ -25,6 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from dermlab.config import Config, config_to_dict, save_config
+from dermlab.data.cache import create_image_loader
 from dermlab.data.datamodule import DermDataModule
 from dermlab.data.datasets import DatasetTable, load_dataset
 from dermlab.data.splits import create_splits, load_splits, save_splits
@@ -35,10 +36,15 @@ from dermlab.losses import create_loss
 from dermlab.models.checkpoint import checkpoint_metadata
 from dermlab.models.factory import create_model, resolve_preprocessing
 from dermlab.models.freezing import freeze_backbone, unfreeze_last_blocks
+from dermlab.models.fusion import check_fusion_config, encode_metadata
+from dermlab.training.curriculum import create_curriculum_sampler
+from dermlab.training.distillation import Distillation, create_distillation
+from dermlab.training.checkpoint_io import AtomicCheckpointIO, LastCheckpoint, remove_stale_temporaries
 from dermlab.training.features import FeatureDataset, ViewCyclingSampler, compute_features, load_or_compute_features
 from dermlab.training.loggers import AppendingCSVLogger
 from dermlab.training.module import ClassifierModule
 from dermlab.training.samplers import create_sampler
+from dermlab.training.signals import GracefulInterrupt, TrainingInterrupted, stop_reason
 
 __all__ = ["TrainingResult", "train_run", "prepare_run_data", "RunData"]
 
@@ -50,6 +56,7 @@ class RunData:
     table: DatasetTable
     frame: pd.DataFrame  # the dataset frame with a ``split`` column
     classes: list[str]
+    unfiltered: pd.DataFrame | None = None  # with data.class_subset: the frame before other classes were dropped
 
 
 @dataclass
@@ -77,14 +84,42 @@ def prepare_run_data(config: Config, run_dir: Path) -> RunData:
     frame = table.frame.copy()
     frame["split"] = splits.reindex(frame.index).fillna("").to_numpy()
     frame = frame[frame["split"].isin(["train", "val", "test"])].reset_index(drop=True)
+    classes, unfiltered = list(table.classes), None
+    if config.data.class_subset is not None:
+        subset = config.data.class_subset
+        unknown = [name for name in subset if name not in classes]
+        if unknown:
+            raise ConfigError(f"data.class_subset: class {unknown[0]!r} is not in {config.data.path} (classes: {', '.join(classes)})")
+        unfiltered = frame
+        classes = [name for name in classes if name in subset]
+        frame = frame[frame["label"].isin(classes)].reset_index(drop=True)
     for split in ("train", "val"):
         if not (frame["split"] == split).any():
             raise DataError(f"{config.data.path}: the {split} split is empty; check data.split_ratios")
-    return RunData(table=table, frame=frame, classes=list(table.classes))
+    return RunData(table=table, frame=frame, classes=classes, unfiltered=unfiltered)
 
 
 def _trainer_devices(value: str) -> Any:
     return int(value) if value.isdigit() else value
+
+
+class _ChannelsLastAndCompile(L.Callback):
+    """``train.channels_last`` / ``train.compile``, applied to the network in place before fitting.
+
+    Channels-last weights make convolutions run NHWC (each conv then emits NHWC, so inputs need no
+    conversion); ``nn.Module.compile`` compiles in place, so state-dict keys and checkpoints do not change.
+    """
+
+    def __init__(self, channels_last: bool, compile: bool) -> None:
+        self.channels_last = channels_last
+        self.compile = compile
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        model = pl_module.model
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if self.compile and not getattr(pl_module, "features_input", False):  # cached features run the head only
+            model.compile()
 
 
 def _make_trainer(config: Config, stage_dir: Path, epochs: int, loggers: list, extra_callbacks: list) -> L.Trainer:
@@ -94,13 +129,16 @@ def _make_trainer(config: Config, stage_dir: Path, epochs: int, loggers: list, e
         filename="best",
         monitor=train.monitor,
         mode=train.monitor_mode,
-        save_last=True,
+        save_last=False,  # LastCheckpoint below: Lightning's save_last skips epochs without a new best
         save_top_k=1,
         auto_insert_metric_name=False,
         enable_version_counter=False,
         save_on_train_epoch_end=True,  # after validation: a resumed run starts cleanly at the next epoch
     )
-    callbacks: list = [checkpoint, *extra_callbacks]
+    # order matters: last.ckpt is written after best.ckpt so it holds this epoch's best-checkpoint state
+    callbacks: list = [checkpoint, LastCheckpoint(stage_dir), GracefulInterrupt(), *extra_callbacks]
+    if train.channels_last or train.compile:
+        callbacks.append(_ChannelsLastAndCompile(train.channels_last, train.compile))
     if train.patience > 0:
         callbacks.append(EarlyStopping(monitor=train.monitor, mode=train.monitor_mode, patience=train.patience))
     if os.environ.get("DERMLAB_PROGRESS", "1") != "0":
@@ -114,6 +152,7 @@ def _make_trainer(config: Config, stage_dir: Path, epochs: int, loggers: list, e
         num_nodes=train.num_nodes,
         precision=train.precision,
         deterministic=train.deterministic,
+        plugins=[AtomicCheckpointIO()],  # temp file + rename in the run folder; weights_only reads
         logger=loggers,
         callbacks=callbacks,
         enable_progress_bar=os.environ.get("DERMLAB_PROGRESS", "1") != "0",
@@ -131,6 +170,8 @@ def _stage_done(stage_dir: Path) -> dict | None:
 
 
 def _resume_path(stage_dir: Path, resume: bool) -> str | None:
+    if resume:
+        remove_stale_temporaries(stage_dir)  # left by a kill during a write; the renamed files are whole
     last = stage_dir / "last.ckpt"
     return str(last) if resume and last.is_file() else None
 
@@ -153,6 +194,7 @@ def train_run(config: Config, run_dir: str | Path, resume: bool = False) -> Trai
     if config_path.is_file() and not resume and any((run_dir / "checkpoints").glob("*/last.ckpt")):
         raise ConfigError(f"{run_dir}: this run folder already holds a run; pass --resume to continue it or pick a new --out")
     L.seed_everything(config.train.seed, workers=True, verbose=False)
+    check_fusion_config(config)
     data = prepare_run_data(config, run_dir)
     save_config(config, config_path)
     atomic_write_json(run_dir / "classes.json", data.classes)
@@ -169,6 +211,7 @@ def train_run(config: Config, run_dir: str | Path, resume: bool = False) -> Trai
 
     train_transform = create_transform(config.data.augmentation, preprocessing, train=True)
     eval_transform = create_transform("none", preprocessing, train=False)
+    distill = create_distillation(config, data.frame, data.classes, model, preprocessing, eval_transform, _feature_cache_dir(config, run_dir))
     loggers = [
         AppendingCSVLogger(run_dir, name="logs", version=""),
         TensorBoardLogger(run_dir / "logs", name="tensorboard", version="", default_hp_metric=False),
@@ -195,11 +238,11 @@ def train_run(config: Config, run_dir: str | Path, resume: bool = False) -> Trai
         if done is None:
             if _uses_cached_features(config, multi_process):
                 module, trainer, train_loader, val_loader = _stage1_from_features(
-                    config, data, model, loss, preprocessing, train_transform, eval_transform, run_dir, module_kwargs, stage1_dir, loggers
+                    config, data, model, loss, preprocessing, train_transform, eval_transform, run_dir, module_kwargs, stage1_dir, loggers, distill
                 )
                 trainer.fit(module, train_loader, val_loader, ckpt_path=_resume_path(stage1_dir, resume))
             else:
-                module = ClassifierModule(model, loss, data.classes, lr=config.train.stage1_lr, frozen_backbone=True, **module_kwargs, **_mixing(config, len(data.classes)))
+                module = _training_module(distill, model, loss, data.classes, lr=config.train.stage1_lr, frozen_backbone=True, **module_kwargs, **_mixing(config, len(data.classes)))
                 datamodule = _datamodule(config, data, train_transform, eval_transform, train_labels, config.data.batch_size)
                 trainer = _make_trainer(config, stage1_dir, config.train.stage1_epochs, loggers, [])
                 trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(stage1_dir, resume))
@@ -210,18 +253,20 @@ def train_run(config: Config, run_dir: str | Path, resume: bool = False) -> Trai
         start = Path(done["best_path"]) if done.get("best_path") else stage1_dir / "last.ckpt"
         probe = ClassifierModule(model, loss, data.classes, **module_kwargs)
         _load_model_weights(probe, start)
+        if distill is not None:
+            distill.load_state(start)  # stage 2 continues with the expert weights stage 1 ended on
 
     # ---------------------------------------------------------------- stage 2: unfreeze
     if config.train.stage2_epochs > 0:
         unfreeze_last_blocks(model, config.train.unfreeze)
         done = _stage_done(stage2_dir)
         if done is None:
-            module = ClassifierModule(
-                model, loss, data.classes, lr=config.train.stage2_lr, epoch_offset=config.train.stage1_epochs,
+            module = _training_module(
+                distill, model, loss, data.classes, lr=config.train.stage2_lr, epoch_offset=config.train.stage1_epochs,
                 **module_kwargs, **_mixing(config, len(data.classes)),
             )
             batch_size = config.train.stage2_batch_size or config.data.batch_size
-            datamodule = _datamodule(config, data, train_transform, eval_transform, train_labels, batch_size)
+            datamodule = _datamodule(config, data, train_transform, eval_transform, train_labels, batch_size, epoch_offset=config.train.stage1_epochs)
             trainer = _make_trainer(config, stage2_dir, config.train.stage2_epochs, loggers, [])
             trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(stage2_dir, resume))
             done = _finish_stage(trainer, stage2_dir)
@@ -260,9 +305,17 @@ def _finish_stage(trainer: L.Trainer, stage_dir: Path) -> dict:
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
     }
+    reason = stop_reason(trainer)
+    if reason == "interrupted":  # stopped on Ctrl+C after saving: the stage is not done
+        raise TrainingInterrupted(
+            f"stopped after epoch {trainer.current_epoch} of {trainer.max_epochs}; {stage_dir / 'last.ckpt'} is "
+            "saved; continue with --resume"
+        )
     if trainer.is_global_zero:
         atomic_write_json(stage_dir / "done.json", done)
     trainer.strategy.barrier()
+    if reason == "interrupted-after-stage":
+        raise TrainingInterrupted(f"stopped after finishing {stage_dir.name}; continue with --resume")
     return done
 
 
@@ -274,8 +327,18 @@ def _mixing(config: Config, num_classes: int) -> dict[str, Any]:
     return {"mixer": create_mixer(config.mixing, num_classes), "mixed_loss": mixed_loss}
 
 
-def _datamodule(config: Config, data: RunData, train_transform, eval_transform, train_labels: list[int], batch_size: int) -> DermDataModule:
+def _training_module(distill: Distillation | None, *args: Any, **kwargs: Any) -> ClassifierModule:
+    """A ClassifierModule, or its distillation subclass when ``distill.method`` asks for teachers."""
+    return ClassifierModule(*args, **kwargs) if distill is None else distill.create_module(*args, **kwargs)
+
+
+def _feature_cache_dir(config: Config, run_dir: Path) -> Path:
+    return Path(config.data.cache_dir) / "features" if config.data.cache_dir else run_dir / "cache"
+
+
+def _datamodule(config: Config, data: RunData, train_transform, eval_transform, train_labels: list[int], batch_size: int, epoch_offset: int = 0) -> DermDataModule:
     sampler = create_sampler(train_labels, config.data.sampler, seed=config.train.seed)
+    sampler = create_curriculum_sampler(config, train_labels, sampler, epoch_offset=epoch_offset)
     return DermDataModule(
         data.frame,
         data.classes,
@@ -287,16 +350,21 @@ def _datamodule(config: Config, data: RunData, train_transform, eval_transform, 
         seed=config.train.seed,
         train_sampler=sampler,
         pin_memory=torch.cuda.is_available(),
+        # data.cache_dir: images decoded and resized once (for every split), then read from a memory map
+        image_loader=create_image_loader(data.frame["path"], config.data.cache_dir, eval_transform, workers=config.data.num_workers),
+        metadata_encoder=encode_metadata if config.model.metadata_fusion else None,
     )
 
 
-def _stage1_from_features(config, data, model, loss, preprocessing, train_transform, eval_transform, run_dir, module_kwargs, stage1_dir, loggers):
+def _stage1_from_features(config, data, model, loss, preprocessing, train_transform, eval_transform, run_dir, module_kwargs, stage1_dir, loggers, distill=None):
     views = 1 if config.data.augmentation == "none" else config.train.feature_views
     device = "cuda" if torch.cuda.is_available() and config.train.accelerator in ("auto", "gpu", "cuda") else "cpu"
-    cache_dir = Path(config.data.cache_dir) / "features" if config.data.cache_dir else run_dir / "cache"
+    cache_dir = _feature_cache_dir(config, run_dir)
+    # a class subset (an LFME expert) caches the whole split, so experts and their student share one cache
+    source, source_classes = (data.frame, data.classes) if data.unfiltered is None else (data.unfiltered, data.table.classes)
     splits = {}
     for split, transform, n_views in (("train", train_transform, views), ("val", eval_transform, 1)):
-        frame = data.frame[data.frame["split"] == split].reset_index(drop=True)
+        frame = source[source["split"] == split].reset_index(drop=True)
         key = {
             "model": config.model.name,
             "weights": config.model.weights,
@@ -312,20 +380,35 @@ def _stage1_from_features(config, data, model, loss, preprocessing, train_transf
             cache_dir,
             key,
             lambda frame=frame, transform=transform, n_views=n_views: compute_features(
-                model, frame, data.classes, transform, views=n_views, seed=config.train.seed,
+                model, frame, source_classes, transform, views=n_views, seed=config.train.seed,
                 batch_size=config.data.eval_batch_size, num_workers=config.data.num_workers, device=device,
             ),
         )
-        labels = [data.classes.index(label) for label in frame["label"]]
-        splits[split] = (features, labels)
-    train_features, train_labels = splits["train"]
+        keep = frame["label"].isin(data.classes).to_numpy()
+        if not keep.all():
+            features = features[:, torch.tensor(keep)]
+        labels = [data.classes.index(label) for label in frame["label"][keep]]
+        splits[split] = (features, labels, frame, keep)
+    train_features, train_labels, train_frame, train_keep = splits["train"]
     base = create_sampler(train_labels, config.data.sampler, seed=config.train.seed)
+    base = create_curriculum_sampler(config, train_labels, base)
     sampler = ViewCyclingSampler(len(train_labels), train_features.shape[0], seed=config.train.seed, base=base)
-    train_loader = DataLoader(FeatureDataset(train_features, train_labels), batch_size=config.data.batch_size, sampler=sampler)
-    val_loader = DataLoader(FeatureDataset(*splits["val"]), batch_size=config.data.eval_batch_size)
-    module = ClassifierModule(model, loss, data.classes, lr=config.train.stage1_lr, features_input=True, frozen_backbone=True, **module_kwargs)
+    train_dataset = FeatureDataset(train_features, train_labels, metadata=_fusion_metadata(config, train_frame, train_keep))
+    if distill is not None:
+        train_dataset = distill.feature_dataset(
+            train_dataset, splits["val"][:2], frame=train_frame, keep=train_keep, transform=train_transform, views=views
+        )
+    train_loader = DataLoader(train_dataset, batch_size=config.data.batch_size, sampler=sampler)
+    val_metadata = _fusion_metadata(config, splits["val"][2], splits["val"][3])
+    val_loader = DataLoader(FeatureDataset(*splits["val"][:2], metadata=val_metadata), batch_size=config.data.eval_batch_size)
+    module = _training_module(distill, model, loss, data.classes, lr=config.train.stage1_lr, features_input=True, frozen_backbone=True, **module_kwargs)
     trainer = _make_trainer(config, stage1_dir, config.train.stage1_epochs, loggers, [])
     return module, trainer, train_loader, val_loader
+
+
+def _fusion_metadata(config: Config, frame: pd.DataFrame, keep: Any) -> torch.Tensor | None:
+    """Encoded metadata of the kept rows of ``frame`` for metadata fusion; None when fusion is off."""
+    return encode_metadata(frame[keep].reset_index(drop=True)) if config.model.metadata_fusion else None
 
 
 def _weights_fingerprint(model: torch.nn.Module) -> str:
