@@ -153,10 +153,6 @@ def resolve_abstention(loaded: LoadedModel) -> AbstentionRule | None:
     return AbstentionRule.from_dict(value, str(loaded.path)) if value else None
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    return torch.from_numpy(np.asarray(logits, dtype=np.float32)).softmax(dim=1).numpy()
-
-
 def predictions_frame(frame: pd.DataFrame, classes: Sequence[str], probabilities: np.ndarray) -> pd.DataFrame:
     """``image_id, path, true, predicted, prob_<class>...`` (``true`` empty where the label is unknown)."""
     out = pd.DataFrame(
