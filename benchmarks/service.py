@@ -86,6 +86,20 @@ class Server:
         self.log.close()
 
 
+def server_memory_mib(pid: int) -> dict[str, float]:
+    """Resident memory of the server now and its peak so far (Linux /proc; empty elsewhere)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    values = {}
+    for line in status.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values["rss_mib" if key == "VmRSS" else "peak_rss_mib"] = round(int(rest.split()[0]) / 1024, 1)
+    return values
+
+
 def load_test(port: int, body: bytes, headers: dict[str, str], clients: int, requests: int, duration: float) -> dict:
     """``clients`` threads POST ``/predict`` until ``requests`` are sent or ``duration`` s have passed."""
     lock = threading.Lock()
@@ -171,18 +185,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"serving with {engine} ...", flush=True)
             with Server(run, engine, tmp / f"serve-{engine}.log", args.start_timeout, args.threads) as server:
                 load_test(server.port, body, headers, 1, args.warmup, args.duration)
+                before = server_memory_mib(server.process.pid)
                 results[engine] = load_test(server.port, body, headers, args.clients, args.requests, args.duration)
+                after = server_memory_mib(server.process.pid)
+                # memory bounded: the resident size after the load, next to the size after warm-up
+                results[engine]["server_memory_mib"] = {"after_warmup": before, "after_load": after}
             if results[engine]["errors"]:
                 print(f"  {results[engine]['errors']} errors, e.g. {results[engine]['first_errors'][0]}", flush=True)
 
     rows = [
-        (e, r["requests_ok"], r["errors"], r["requests_per_s"], r["latency"]["p50_ms"], r["latency"]["p99_ms"], r["stopped_by"])
+        (
+            e, r["requests_ok"], r["errors"], r["requests_per_s"], r["latency"]["p50_ms"], r["latency"]["p99_ms"],
+            r["server_memory_mib"]["after_warmup"].get("rss_mib"), r["server_memory_mib"]["after_load"].get("rss_mib"),
+            r["stopped_by"],
+        )
         for e, r in results.items()
     ]
     print_table(
         f"dermlab serve, {args.clients} concurrent clients on localhost",
         rows,
-        ["engine", "requests", "errors", "requests/s", "p50 ms", "p99 ms", "stopped by"],
+        ["engine", "requests", "errors", "requests/s", "p50 ms", "p99 ms", "RSS MiB warm", "RSS MiB after", "stopped by"],
     )
     ratios = {}
     if {"torch", "onnx"} <= set(results) and results["torch"]["requests_per_s"] > 0:
