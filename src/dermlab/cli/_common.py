@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from dermlab.config import Config, apply_overrides, load_config
@@ -69,6 +68,3 @@ def print_metrics_table(summary: dict[str, Any], splits: tuple[str, ...] = ("val
             )
     Console().print(table)
 
-
-def run_dir_argument(value: str) -> Path:
-    return Path(value)

@@ -24,14 +24,14 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProg
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from dermlab.config import Config, config_to_dict, save_config
+from dermlab.config import Config, save_config
 from dermlab.data.cache import create_image_loader
 from dermlab.data.datamodule import DermDataModule
 from dermlab.data.datasets import DatasetTable, load_dataset
 from dermlab.data.splits import create_splits, load_splits, save_splits
 from dermlab.data.transforms import create_transform
 from dermlab.errors import ConfigError, DataError
-from dermlab.io import atomic_write_json, atomic_write_text
+from dermlab.io import atomic_save, atomic_write_json
 from dermlab.losses import create_loss
 from dermlab.models.checkpoint import checkpoint_metadata
 from dermlab.models.factory import create_model, resolve_preprocessing
@@ -290,8 +290,6 @@ def train_run(config: Config, run_dir: str | Path, resume: bool = False) -> Trai
 
 
 def _atomic_copy(source: Path, target: Path) -> None:
-    from dermlab.io import atomic_save
-
     atomic_save(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
