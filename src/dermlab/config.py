@@ -153,6 +153,10 @@ class TrainConfig:
     cached_features: bool = True  # stage 1 trains the head on cached pooled features when possible
     feature_views: int = 4  # augmented views cached per training image for stage 1 (1 when augmentation is "none")
     stage2_batch_size: int | None = None  # None = data.batch_size
+    # Stage 2 with unfreeze N on a CPU: the frozen blocks' output maps are cached for this many augmented views
+    # per training image and stage 2 trains only the last N blocks over them (Mixup/CutMix then mix the maps).
+    # 0 = stage 2 on images, every epoch a fresh augmentation (exact; the choice for a GPU).
+    stage2_cached_views: int = 0
     channels_last: bool = False
     compile: bool = False
 
@@ -162,6 +166,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.feature_views <= 0:
             raise ConfigError(f"train.feature_views must be > 0, got {self.feature_views}")
+        if self.stage2_cached_views < 0:
+            raise ConfigError(f"train.stage2_cached_views must be >= 0, got {self.stage2_cached_views}")
+        if self.stage2_cached_views > 0 and self.unfreeze == "all":
+            raise ConfigError("train.stage2_cached_views needs train.unfreeze set to a number of blocks (the frozen rest is cached)")
         if self.stage2_batch_size is not None and self.stage2_batch_size <= 0:
             raise ConfigError(f"train.stage2_batch_size must be > 0, got {self.stage2_batch_size}")
         for name in ("stage1_lr", "stage2_lr"):

@@ -92,6 +92,55 @@ def test_cached_features_are_reused_across_runs(ham_dir: Path, tmp_path: Path) -
     assert torch.load(train_features, weights_only=True)["features"].shape[0] == 2
 
 
+def test_cached_stage2_trains_only_the_unfrozen_tail_and_matches_the_full_model(ham_dir: Path, tmp_path: Path) -> None:
+    from dermlab.models.freezing import list_backbone_blocks
+
+    cache = tmp_path / "cache"
+    config = _config(
+        ham_dir, "train.stage1_epochs=1", "train.stage2_epochs=2", "train.unfreeze=2", "train.stage2_cached_views=2",
+        f"data.cache_dir={cache}", "data.augmentation=derm", "train.stage2_lr=0.01", "model.drop_rate=0",
+    )
+    initial = create_model(config.model, 7)
+    weights = tmp_path / "init.pt"
+    torch.save(initial.backbone.state_dict(), weights)
+    config = apply_overrides(config, [f"model.weights={weights}"])
+    run = tmp_path / "run"
+    train_run(config, run)
+    trunk_files = [f for f in (cache / "features").glob("*.pt") if torch.load(f, weights_only=True)["features"].dim() == 5]
+    assert len(trunk_files) == 2  # train (2 views of maps) and val, stored as float16
+    shapes = {tuple(torch.load(f, weights_only=True)["features"].shape[:1]) for f in trunk_files}
+    assert shapes == {(2,), (1,)}
+    loaded = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    trained = loaded.model
+    tail_names = {f"backbone.{name}" for block in list_backbone_blocks(trained)[-2:] for name in block}
+    before = {f"backbone.{k}": v for k, v in initial.backbone.state_dict().items()}
+    changed = {name for name, value in trained.state_dict().items() if name in before and not torch.equal(value, before[name])}
+    assert changed, "stage 2 changed nothing"
+    assert changed <= tail_names | {n.replace("weight", "running_mean") for n in tail_names} | {
+        n.replace("weight", "running_var") for n in tail_names} | {n.replace("weight", "num_batches_tracked") for n in tail_names}
+
+    # the val loss and accuracy logged from cached float16 maps match the saved full model run on the images
+    from dermlab.data.datamodule import ImageDataset
+    from dermlab.data.transforms import create_transform
+    from dermlab.training.run import prepare_run_data
+
+    data = prepare_run_data(config, run)
+    val = data.frame[data.frame["split"] == "val"].reset_index(drop=True)
+    dataset = ImageDataset(val, data.classes, create_transform("none", loaded.preprocessing, train=False))
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    targets = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    with torch.no_grad():
+        logits = trained(images)
+    last = pd.read_csv(run / "logs" / "metrics.csv").dropna(subset=["val/accuracy"]).iloc[-1]
+    assert float(torch.nn.functional.cross_entropy(logits, targets)) == pytest.approx(last["val/loss"], abs=5e-3)
+    assert float((logits.argmax(1) == targets).float().mean()) == pytest.approx(last["val/accuracy"], abs=1e-6)
+
+
+def test_cached_stage2_refuses_unfreeze_all() -> None:
+    with pytest.raises(ConfigError, match="stage2_cached_views"):
+        apply_overrides(Config(), ["train.stage2_cached_views=2", "train.unfreeze=all"])
+
+
 def test_resume_continues_at_the_right_epoch_and_step(ham_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     config = _config(ham_dir, "train.stage1_epochs=1", "train.stage2_epochs=2")

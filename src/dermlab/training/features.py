@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,17 @@ def compute_features(
     batch_size: int = 64,
     num_workers: int = 0,
     device: torch.device | str = "cpu",
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
+    description: str | None = None,
 ) -> torch.Tensor:
-    """Pooled backbone features of every row, shape ``(views, N, F)``; view ``v`` is seeded by ``(seed, v)``."""
+    """Pooled backbone features of every row, shape ``(views, N, F)``; view ``v`` is seeded by ``(seed, v)``.
+
+    ``forward`` replaces ``model.forward_features`` (e.g. a frozen trunk returning maps, then the shape is
+    ``(views, N, C, H, W)``); ``dtype`` is the storage type (float16 halves the memory of large maps).
+    ``description`` shows a progress bar with that label (off when ``DERMLAB_PROGRESS=0``).
+    """
+    forward = forward or model.forward_features
     dataset = ImageDataset(frame, classes, transform)
     was_training = model.training
     model.eval().to(device)
@@ -45,10 +55,18 @@ def compute_features(
         sampler = KeyedSampler(range(len(dataset)), seed=draw_seed(seed, 2, view))
         sampler.set_epoch(0)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
-        chunks = [model.forward_features(images.to(device)).float().cpu() for images, _ in loader]
-        outputs.append(torch.cat(chunks) if chunks else torch.empty(0, model.num_features))
+        chunks = [forward(images.to(device)).to(dtype).cpu() for images, _ in _progress(loader, description, view, views)]
+        outputs.append(torch.cat(chunks) if chunks else torch.empty(0, model.num_features, dtype=dtype))
     model.train(was_training)
     return torch.stack(outputs)
+
+
+def _progress(loader: DataLoader, description: str | None, view: int, views: int) -> Any:
+    if description is None or os.environ.get("DERMLAB_PROGRESS", "1") == "0":
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=f"{description} (view {view + 1}/{views})", unit="batch", leave=False)
 
 
 def _cache_key(parts: dict[str, Any]) -> str:

@@ -27,7 +27,9 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
 class ClassifierModule(L.LightningModule):
     """Trains ``model`` (a :class:`~dermlab.models.factory.DermClassifier`) with ``loss``.
 
-    ``features_input=True`` means batches hold pooled backbone features (cached stage 1) and only the head runs.
+    ``features_input=True`` means batches hold pooled backbone features (cached stage 1) and only the head runs;
+    with ``feature_fn`` they hold cached maps of a frozen trunk, and ``feature_fn`` (the trainable tail of the
+    backbone, see :mod:`dermlab.models.trunk`) turns them into pooled features first (cached stage 2).
     ``mixer`` (from :mod:`dermlab.training.mixing`) mixes images and the loss is mixed by lambda.
     ``metadata`` is stored in every checkpoint under ``"dermlab"`` (config, classes, preprocessing).
     """
@@ -50,6 +52,7 @@ class ClassifierModule(L.LightningModule):
         metadata: dict[str, Any] | None = None,
         frozen_backbone: bool = False,
         epoch_offset: int = 0,
+        feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -62,7 +65,8 @@ class ClassifierModule(L.LightningModule):
         self.warmup_epochs = warmup_epochs
         self.mixer = mixer
         self.mixed_loss = mixed_loss
-        self.features_input = features_input
+        self.features_input = features_input or feature_fn is not None
+        self.feature_fn = feature_fn  # a plain function over the model's own modules: no extra state
         self.seed = seed
         self.metadata = metadata or {}
         self.frozen_backbone = frozen_backbone
@@ -74,10 +78,17 @@ class ClassifierModule(L.LightningModule):
     # ------------------------------------------------------------------ forward
     def forward(self, inputs: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         if isinstance(inputs, (tuple, list)):  # (images or features, metadata): metadata fusion
-            return self.model.forward_head(*inputs) if self.features_input else self.model(*inputs)
+            if not self.features_input:
+                return self.model(*inputs)
+            return self.model.forward_head(self._pooled(inputs[0]), *inputs[1:])
         if self.features_input:
-            return self.model.forward_head(inputs)
+            return self.model.forward_head(self._pooled(inputs))
         return self.model(inputs)
+
+    def _pooled(self, features: torch.Tensor) -> torch.Tensor:
+        if self.feature_fn is None:
+            return features
+        return self.feature_fn(features.float())  # cached maps may be stored as float16
 
     def on_train_epoch_start(self) -> None:
         if hasattr(self.loss, "set_epoch"):  # e.g. LDAM-DRW switches on its re-weighting at a given epoch

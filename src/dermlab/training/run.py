@@ -185,6 +185,10 @@ def _uses_cached_features(config: Config, multi_process: bool) -> bool:
     return config.train.cached_features and not multi_process and config.train.stage1_epochs > 0
 
 
+def _uses_cached_trunk(config: Config, multi_process: bool) -> bool:
+    return config.train.stage2_cached_views > 0 and not multi_process
+
+
 def train_run(config: Config, run_dir: str | Path, resume: bool = False) -> TrainingResult:
     """Train per ``config`` into ``run_dir``; with ``resume`` continue from the last checkpoint of the run."""
     started = time.perf_counter()
@@ -260,7 +264,15 @@ def train_run(config: Config, run_dir: str | Path, resume: bool = False) -> Trai
     if config.train.stage2_epochs > 0:
         unfreeze_last_blocks(model, config.train.unfreeze)
         done = _stage_done(stage2_dir)
-        if done is None:
+        if done is None and _uses_cached_trunk(config, multi_process):
+            if distill is not None:
+                raise ConfigError("train.stage2_cached_views does not combine with distillation; set it to 0")
+            module, trainer, train_loader, val_loader = _stage2_from_trunk(
+                config, data, model, loss, preprocessing, train_transform, eval_transform, run_dir, module_kwargs, stage2_dir, loggers
+            )
+            trainer.fit(module, train_loader, val_loader, ckpt_path=_resume_path(stage2_dir, resume))
+            done = _finish_stage(trainer, stage2_dir)
+        elif done is None:
             module = _training_module(
                 distill, model, loss, data.classes, lr=config.train.stage2_lr, epoch_offset=config.train.stage1_epochs,
                 **module_kwargs, **_mixing(config, len(data.classes)),
@@ -354,12 +366,18 @@ def _datamodule(config: Config, data: RunData, train_transform, eval_transform, 
     )
 
 
-def _stage1_from_features(config, data, model, loss, preprocessing, train_transform, eval_transform, run_dir, module_kwargs, stage1_dir, loggers, distill=None):
-    views = 1 if config.data.augmentation == "none" else config.train.feature_views
+def _cached_splits(config, data, model, preprocessing, train_transform, eval_transform, run_dir, views, forward=None, cut=None):
+    """Backbone outputs of the train (``views`` augmented views) and val images, from the cache or computed.
+
+    Pooled features by default; with ``forward`` (a frozen trunk cut before module ``cut``) its output maps,
+    stored as float16. Returns ``{split: (features, labels, frame, keep)}``.
+    """
     device = "cuda" if torch.cuda.is_available() and config.train.accelerator in ("auto", "gpu", "cuda") else "cpu"
     cache_dir = _feature_cache_dir(config, run_dir)
     # a class subset (an LFME expert) caches the whole split, so experts and their student share one cache
     source, source_classes = (data.frame, data.classes) if data.unfiltered is None else (data.unfiltered, data.table.classes)
+    if config.train.channels_last:  # as the trainer will: NHWC convolutions are faster on CPU and GPU
+        model.to(memory_format=torch.channels_last)
     splits = {}
     for split, transform, n_views in (("train", train_transform, views), ("val", eval_transform, 1)):
         frame = source[source["split"] == split].reset_index(drop=True)
@@ -374,12 +392,16 @@ def _stage1_from_features(config, data, model, loss, preprocessing, train_transf
             "images": frame["image_id"].tolist(),
             "state": _weights_fingerprint(model),
         }
+        if cut is not None:
+            key["trunk_cut"] = cut
         features = load_or_compute_features(
             cache_dir,
             key,
             lambda frame=frame, transform=transform, n_views=n_views: compute_features(
                 model, frame, source_classes, transform, views=n_views, seed=config.train.seed,
                 batch_size=config.data.eval_batch_size, num_workers=config.data.num_workers, device=device,
+                forward=forward, dtype=torch.float32 if forward is None else torch.float16,
+                description=f"caching {'trunk maps' if forward is not None else 'features'} of {split}",
             ),
         )
         keep = frame["label"].isin(data.classes).to_numpy()
@@ -387,20 +409,61 @@ def _stage1_from_features(config, data, model, loss, preprocessing, train_transf
             features = features[:, torch.tensor(keep)]
         labels = [data.classes.index(label) for label in frame["label"][keep]]
         splits[split] = (features, labels, frame, keep)
+    return splits
+
+
+def _feature_loaders(config, splits, batch_size, epoch_offset=0, wrap_train=None):
+    """Train loader cycling the cached views (with the run's sampler and curriculum) and the val loader."""
     train_features, train_labels, train_frame, train_keep = splits["train"]
     base = create_sampler(train_labels, config.data.sampler, seed=config.train.seed)
-    base = create_curriculum_sampler(config, train_labels, base)
+    base = create_curriculum_sampler(config, train_labels, base, epoch_offset=epoch_offset)
     sampler = ViewCyclingSampler(len(train_labels), train_features.shape[0], seed=config.train.seed, base=base)
     train_dataset = FeatureDataset(train_features, train_labels, metadata=_fusion_metadata(config, train_frame, train_keep))
-    if distill is not None:
-        train_dataset = distill.feature_dataset(
-            train_dataset, splits["val"][:2], frame=train_frame, keep=train_keep, transform=train_transform, views=views
-        )
-    train_loader = DataLoader(train_dataset, batch_size=config.data.batch_size, sampler=sampler)
+    if wrap_train is not None:
+        train_dataset = wrap_train(train_dataset)
+    train_loader = DataLoader(train_dataset, batch_size=batch_size, sampler=sampler)
     val_metadata = _fusion_metadata(config, splits["val"][2], splits["val"][3])
     val_loader = DataLoader(FeatureDataset(*splits["val"][:2], metadata=val_metadata), batch_size=config.data.eval_batch_size)
+    return train_loader, val_loader
+
+
+def _stage1_from_features(config, data, model, loss, preprocessing, train_transform, eval_transform, run_dir, module_kwargs, stage1_dir, loggers, distill=None):
+    views = 1 if config.data.augmentation == "none" else config.train.feature_views
+    splits = _cached_splits(config, data, model, preprocessing, train_transform, eval_transform, run_dir, views)
+    wrap = None
+    if distill is not None:
+        _, _, train_frame, train_keep = splits["train"]
+
+        def wrap(dataset):
+            return distill.feature_dataset(
+                dataset, splits["val"][:2], frame=train_frame, keep=train_keep, transform=train_transform, views=views
+            )
+
+    train_loader, val_loader = _feature_loaders(config, splits, config.data.batch_size, wrap_train=wrap)
     module = _training_module(distill, model, loss, data.classes, lr=config.train.stage1_lr, features_input=True, frozen_backbone=True, **module_kwargs)
     trainer = _make_trainer(config, stage1_dir, config.train.stage1_epochs, loggers, [])
+    return module, trainer, train_loader, val_loader
+
+
+def _stage2_from_trunk(config, data, model, loss, preprocessing, train_transform, eval_transform, run_dir, module_kwargs, stage2_dir, loggers):
+    """Stage 2 over cached outputs of the frozen trunk (``train.stage2_cached_views`` augmented views)."""
+    from dermlab.models.trunk import split_frozen_trunk
+
+    split = split_frozen_trunk(model)
+    views = 1 if config.data.augmentation == "none" else config.train.stage2_cached_views
+    was_training = model.training
+    model.eval()  # the trunk is frozen: BatchNorm statistics and dropout off while its outputs are cached
+    splits = _cached_splits(
+        config, data, model, preprocessing, train_transform, eval_transform, run_dir, views, forward=split.trunk, cut=split.index
+    )
+    model.train(was_training)
+    batch_size = config.train.stage2_batch_size or config.data.batch_size
+    train_loader, val_loader = _feature_loaders(config, splits, batch_size, epoch_offset=config.train.stage1_epochs)
+    module = ClassifierModule(
+        model, loss, data.classes, lr=config.train.stage2_lr, epoch_offset=config.train.stage1_epochs,
+        feature_fn=split.tail, **module_kwargs, **_mixing(config, len(data.classes)),
+    )
+    trainer = _make_trainer(config, stage2_dir, config.train.stage2_epochs, loggers, [])
     return module, trainer, train_loader, val_loader
 
 
