@@ -34,6 +34,9 @@ __all__ = [
     "quiet_libraries",
     "extra_trainer_callbacks",
     "set_threads",
+    "QUICK_RECIPE",
+    "run_grid",
+    "quick_grid",
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -286,3 +289,47 @@ def extra_trainer_callbacks(*callbacks: Any) -> Iterator[None]:
     finally:
         run_module._make_trainer = original
         torch.use_deterministic_algorithms(False)
+
+
+#: What ``--quick`` sets on every run of a real-data grid: a tiny network, one epoch per stage, one cached view.
+QUICK_RECIPE: dict[str, Any] = {
+    "model.name": "test_efficientnet", "model.input_size": [32, 32], "model.weights": None,
+    "train.stage1_epochs": 1, "train.stage2_epochs": 1, "train.feature_views": 1, "train.unfreeze": "2",
+    "train.stage2_cached_views": 1, "data.num_workers": 0, "data.cache_dir": None, "evaluation.tta": [],
+}
+
+
+def run_grid(grid_path: Path, data: str, out: Path, only: Sequence[str] | None = None) -> list[str]:
+    """``dermlab experiment GRID --data DATA --out OUT`` in a child process; returns the names of the runs trained."""
+    import subprocess
+
+    import yaml
+
+    command = [sys.executable, "-m", "dermlab", "experiment", str(grid_path), "--data", str(data), "--out", str(out)]
+    if only:
+        command += ["--only", *only]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True, cwd=Path(__file__).resolve().parents[1])
+    grid = yaml.safe_load(Path(grid_path).read_text())
+    return [entry["name"] for entry in grid["runs"] if not only or entry["name"] in only]
+
+
+def quick_grid(grid_path: Path, work: Path, overrides: dict[str, Any]) -> Path:
+    """A copy of a grid for ``--quick``: ``overrides`` on every run, and the run settings a tiny net cannot take dropped.
+
+    Unfreeze counts, input sizes and backbones of a real recipe may not fit the tiny test network.
+    """
+    import yaml
+
+    grid = yaml.safe_load(Path(grid_path).read_text())
+    base = (Path(grid_path).parent / grid["base"]).resolve() if grid.get("base") else None
+    grid["base"] = str(base) if base else None
+    grid["set"] = {**(grid.get("set") or {}), **overrides}
+    for entry in grid["runs"]:
+        entry_set = entry.get("set") or {}
+        entry["set"] = {k: v for k, v in entry_set.items() if k not in ("train.unfreeze", "model.input_size", "model.name")}
+    grid = {k: v for k, v in grid.items() if v is not None}
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"{Path(grid_path).stem}.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path

@@ -1,6 +1,6 @@
 """Every benchmark runs with ``--quick`` in its own process, prints its figures and writes its JSON.
 
-The five run side by side (most of their time is interpreter start-up and servers starting), into a
+They run side by side (most of their time is interpreter start-up and servers starting), into a
 temporary results folder, so the real figures in ``benchmarks/results/`` are never touched.
 """
 
@@ -21,6 +21,8 @@ BENCHMARKS = {
     "data_loading": ["images_per_s", "ratios"],
     "inference": ["results", "ratios"],
     "service": ["results", "ratios"],
+    "accuracy": ["runs", "class_counts"],
+    "robustness": ["runs", "reports", "tables"],
 }
 
 
@@ -58,3 +60,13 @@ def test_every_benchmark_runs_quick_and_writes_its_json(tmp_path: Path) -> None:
     assert all(r["requests_ok"] > 0 and r["errors"] == 0 for r in service.values())
     inference = json.loads((tmp_path / "results" / "inference-quick.json").read_text())["results"]
     assert all(r["model_1_image"]["p50_ms"] > 0 for r in inference.values())
+    accuracy = json.loads((tmp_path / "results" / "accuracy-quick.json").read_text())
+    assert [r["run"] for r in accuracy["runs"]][0] == "default" and set(accuracy["targets"]) == {
+        "accuracy", "balanced_accuracy", "auc_macro", "mel_sensitivity_at_80_spec"
+    }
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["wall_min"] >= 0 for r in accuracy["runs"])
+    assert sum(accuracy["class_counts"]["nv"].values()) > 0
+    robustness = json.loads((tmp_path / "results" / "robustness-quick.json").read_text())
+    conditions = [row[0] for row in robustness["tables"]["accuracy"]]
+    assert conditions[0] == "clean" and len(conditions) == 9 and conditions[-1] == "mean of corruptions"
+    assert all(report["seed"] == 0 and report["images"] > 0 for report in robustness["reports"].values())
