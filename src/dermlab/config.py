@@ -316,11 +316,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def _dataclass_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted((key for key in values if key not in names), key=str)
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]}; valid keys here: {', '.join(sorted(names))}"
+            f"unknown config key {prefix}{_key_name(unknown[0])}; valid keys here: {', '.join(sorted(names))}"
         )
     kwargs = {}
     for key, value in values.items():
@@ -331,6 +331,13 @@ def _dataclass_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
         raise
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{where or 'config'}: {error}") from None
+
+
+def _key_name(key: object) -> str:
+    """A config key as a message shows it: plain when it is a printable name, else quoted (``'\\n'``, ``3``)."""
+    if isinstance(key, str) and key and key.isprintable() and key.strip() == key:
+        return key
+    return repr(key)
 
 
 def config_from_dict(values: dict[str, Any] | None) -> Config:
@@ -385,13 +392,13 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         node = values
         for part in parts[:-1]:
             if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"unknown config key {key}")
+                raise ConfigError(f"unknown config key {_key_name(key)}")
             node = node[part]
             if node is None:
-                raise ConfigError(f"unknown config key {key}")
+                raise ConfigError(f"unknown config key {_key_name(key)}")
         if not isinstance(node, dict):
-            raise ConfigError(f"unknown config key {key}")
+            raise ConfigError(f"unknown config key {_key_name(key)}")
         if parts[-1] not in node and not (len(parts) >= 2 and parts[-2] == "options"):
-            raise ConfigError(f"unknown config key {key}")
+            raise ConfigError(f"unknown config key {_key_name(key)}")
         node[parts[-1]] = parsed
     return config_from_dict(values)

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -513,6 +513,12 @@ def test_fuzz_config_dicts_give_a_config_or_a_config_error() -> None:
 
     @settings(FUZZ, max_examples=int(200 * SCALE))
     @given(_config_tree())
+    # Found by the random search: keys that are not printable names, and keys of mixed types.
+    @example({"\n": {}})
+    @example({"train": {"\x1b[2J": 1}})
+    @example({"data": {"batch_size\r": 4}})
+    @example({1: {}, "trian": {}})
+    @example({"train": {None: 1, "seed": 2}})
     def check(tree: object) -> None:
         COUNTS["config dicts"] += 1
         try:

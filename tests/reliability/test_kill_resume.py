@@ -3,7 +3,8 @@ run with the same seed ends; Ctrl+C stops cleanly after saving; checkpoint files
 
 The end-to-end tests run ``python -m dermlab train`` in subprocesses on a tiny synthetic HAM10000 folder with
 ``test_efficientnet`` at 32 px (two stages, the first from cached features), so a real SIGKILL hits a real
-process. ``DERMLAB_KILL_SEED`` replays a kill moment; ``DERMLAB_KILL_TRIALS=N`` runs N kills in a row.
+process. The kill moment is fixed by default; ``DERMLAB_KILL_SEED=N`` replays another, ``DERMLAB_KILL_SEED=random``
+draws one (``make fuzz``), and ``DERMLAB_KILL_TRIALS=N`` runs N kills in a row.
 """
 
 from __future__ import annotations
@@ -194,7 +195,10 @@ def _where(run: Path) -> str:
 
 @pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume_matches_uninterrupted_run(reference: Reference, tmp_path: Path) -> None:
-    seed = int(os.environ.get("DERMLAB_KILL_SEED", random.randrange(2**31)))
+    # A fixed moment by default, so the suite cannot fail by the luck of the draw; `DERMLAB_KILL_SEED=random`
+    # (as `make fuzz` sets it) draws new moments, and any seed it prints replays one.
+    chosen = os.environ.get("DERMLAB_KILL_SEED", "20261122")
+    seed = random.randrange(2**31) if chosen == "random" else int(chosen)
     trials = int(os.environ.get("DERMLAB_KILL_TRIALS", "1"))
     rng = random.Random(seed)
     print(f"\nDERMLAB_KILL_SEED={seed} DERMLAB_KILL_TRIALS={trials}", flush=True)
