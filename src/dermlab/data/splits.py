@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +77,12 @@ def save_splits(table: DatasetTable, splits: pd.Series, path: str | Path) -> Pat
     return path
 
 
-def load_splits(path: str | Path, table: DatasetTable) -> pd.Series:
-    """Read a ``splits.csv`` back as a Series on ``table.frame``'s index; every image id must be in both."""
+def load_splits(path: str | Path, table: DatasetTable, left_out: Iterable[str] = ()) -> pd.Series:
+    """Read a ``splits.csv`` back as a Series on ``table.frame``'s index; every image id must be in both.
+
+    ``left_out``: image ids the file may still list although the table no longer holds them (copies that
+    :func:`dermlab.data.duplicates.resolve_copies` excluded after the file was written); they are dropped.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / SPLITS_FILE
@@ -92,6 +96,11 @@ def load_splits(path: str | Path, table: DatasetTable) -> pd.Series:
     if missing:
         raise DataError(f"{path}: missing column {missing[0]!r} (columns: {', '.join(saved.columns)})")
     line = pd.Series(np.arange(len(saved)) + 2, index=saved.index)  # header is line 1
+    dropped = saved["image_id"].isin(set(left_out)) & ~saved["image_id"].isin(table.frame["image_id"])
+    if dropped.any():
+        first = saved["image_id"][dropped].iloc[0]
+        _log.warning("%s: %d image(s) now left out as copies, e.g. %r", path, int(dropped.sum()), first)
+        saved = saved[~dropped]
     bad_split = ~saved["split"].isin(SPLIT_NAMES)
     if bad_split.any():
         row = bad_split.idxmax()

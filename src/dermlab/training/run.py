@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections import Counter
@@ -20,7 +19,7 @@ from typing import Any
 import lightning as L
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
@@ -28,6 +27,7 @@ from dermlab.config import Config, save_config
 from dermlab.data.cache import create_image_loader
 from dermlab.data.datamodule import DermDataModule
 from dermlab.data.datasets import DatasetTable, load_dataset
+from dermlab.data.duplicates import duplicates_cache_dir, record_excluded_copies, resolve_copies
 from dermlab.data.splits import create_splits, load_splits, save_splits
 from dermlab.data.transforms import create_transform
 from dermlab.errors import ConfigError, DataError
@@ -43,6 +43,7 @@ from dermlab.training.checkpoint_io import AtomicCheckpointIO, LastCheckpoint, r
 from dermlab.training.features import FeatureDataset, ViewCyclingSampler, compute_features, load_or_compute_features
 from dermlab.training.loggers import AppendingCSVLogger
 from dermlab.training.module import ClassifierModule
+from dermlab.training.progress import show_bars, stage_progress_callbacks
 from dermlab.training.samplers import create_sampler
 from dermlab.training.signals import GracefulInterrupt, TrainingInterrupted, stop_reason
 
@@ -73,14 +74,21 @@ def prepare_run_data(config: Config, run_dir: Path) -> RunData:
     if not config.data.path:
         raise ConfigError("data.path is not set: pass the dataset folder (dermlab train DATA ...)")
     table = load_dataset(config.data.path, config.data)
+    # copies (data.duplicates): merged into the split groups; test-folder copies and label conflicts left out
+    copies = resolve_copies(
+        table, config.data, cache_dir=duplicates_cache_dir(config.data, run_dir), workers=config.data.num_workers
+    )
+    table = copies.table
     splits_path = run_dir / "splits.csv"
     source = splits_path if splits_path.is_file() else (Path(config.data.splits_file) if config.data.splits_file else None)
     if source is not None:
-        splits = load_splits(source, table)
+        splits = load_splits(source, table, left_out=copies.excluded["image_id"])
     else:
         splits = create_splits(table, ratios=tuple(config.data.split_ratios), seed=config.data.split_seed)
     if source != splits_path:
         save_splits(table, splits, splits_path)
+        for line in record_excluded_copies(copies, run_dir):  # counted once, when the split is made
+            log.warning(line)
     frame = table.frame.copy()
     frame["split"] = splits.reindex(frame.index).fillna("").to_numpy()
     frame = frame[frame["split"].isin(["train", "val", "test"])].reset_index(drop=True)
@@ -141,8 +149,8 @@ def _make_trainer(config: Config, stage_dir: Path, epochs: int, loggers: list, e
         callbacks.append(_ChannelsLastAndCompile(train.channels_last, train.compile))
     if train.patience > 0:
         callbacks.append(EarlyStopping(monitor=train.monitor, mode=train.monitor_mode, patience=train.patience))
-    if os.environ.get("DERMLAB_PROGRESS", "1") != "0":
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, int(os.environ.get("DERMLAB_PROGRESS_RATE", "10")))))
+    progress, show_progress = stage_progress_callbacks(stage_dir.name)  # a bar on a terminal, else a line per epoch
+    callbacks.extend(progress)
     return L.Trainer(
         default_root_dir=stage_dir,
         max_epochs=epochs,
@@ -155,7 +163,7 @@ def _make_trainer(config: Config, stage_dir: Path, epochs: int, loggers: list, e
         plugins=[AtomicCheckpointIO()],  # temp file + rename in the run folder; weights_only reads
         logger=loggers,
         callbacks=callbacks,
-        enable_progress_bar=os.environ.get("DERMLAB_PROGRESS", "1") != "0",
+        enable_progress_bar=show_progress,
         enable_model_summary=False,
         limit_train_batches=train.limit_train_batches,
         limit_val_batches=train.limit_val_batches,
@@ -361,7 +369,9 @@ def _datamodule(config: Config, data: RunData, train_transform, eval_transform, 
         train_sampler=sampler,
         pin_memory=torch.cuda.is_available(),
         # data.cache_dir: images decoded and resized once (for every split), then read from a memory map
-        image_loader=create_image_loader(data.frame["path"], config.data.cache_dir, eval_transform, workers=config.data.num_workers),
+        image_loader=create_image_loader(
+            data.frame["path"], config.data.cache_dir, eval_transform, workers=config.data.num_workers, progress=show_bars()
+        ),
         metadata_encoder=encode_metadata if config.model.metadata_fusion else None,
     )
 
