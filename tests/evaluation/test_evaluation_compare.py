@@ -1,4 +1,4 @@
-"""compare_runs, write_comparison and the `dermlab compare` command."""
+"""compare_runs, compare_with_intervals, write_comparison and the `dermlab compare` command."""
 
 from __future__ import annotations
 
@@ -6,12 +6,22 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from dermlab.cli import main
 from dermlab.errors import DataError
-from dermlab.evaluation.compare import COMPARISON_METRICS, compare_runs, write_comparison
+from dermlab.evaluation.bootstrap import bootstrap_intervals
+from dermlab.evaluation.compare import (
+    COMPARISON_METRICS,
+    compare_runs,
+    compare_with_intervals,
+    comparison_markdown,
+    data_fingerprint,
+    write_comparison,
+)
+from dermlab.evaluation.metrics import compute_metrics
 
 
 def _run(root: Path, name: str, accuracy: float, label: str | None = None) -> Path:
@@ -83,3 +93,120 @@ def test_cli_compare_names_the_bad_folder(tmp_path: Path, capsys: pytest.Capture
     (tmp_path / "unevaluated").mkdir()
     assert main(["compare", str(tmp_path / "unevaluated"), "--out", str(tmp_path / "x")]) == 2
     assert "unevaluated: no metrics.json" in capsys.readouterr().err
+
+
+def _scored_run(
+    root: Path, name: str, signal: float, images: int = 120, seed: int = 0, offset: int = 0
+) -> Path:
+    """A run folder scored like `dermlab train` leaves it: metrics.json with intervals, predictions.csv, splits.csv."""
+    rng = np.random.default_rng(seed)
+    classes = ["nv", "mel", "df"]
+    label = rng.integers(0, 3, size=images // 2).repeat(2)  # two images per lesion
+    noise = np.random.default_rng(100 + int(10 * signal)).normal(size=(images, 3))
+    logits = noise + signal * np.eye(3)[label]
+    prob = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    ids = [f"img{offset + i}" for i in range(images)]
+    groups = [f"lesion{(offset + i) // 2}" for i in range(images)]
+    run = root / name
+    (run / "eval" / "test").mkdir(parents=True)
+    predictions = pd.DataFrame(
+        {"image_id": ids, "path": [f"/d/{i}.jpg" for i in ids], "true": [classes[k] for k in label]}
+    )
+    predictions["predicted"] = [classes[k] for k in prob.argmax(axis=1)]
+    for k, class_name in enumerate(classes):
+        predictions[f"prob_{class_name}"] = prob[:, k]
+    predictions.to_csv(run / "eval" / "test" / "predictions.csv", index=False)
+    splits = predictions[["image_id", "path"]].assign(label=predictions["true"], group=groups, split="test")
+    splits.to_csv(run / "splits.csv", index=False)
+    metrics = compute_metrics(label, prob, classes, target_class="mel")
+    metrics.update(
+        bootstrap_intervals(label, prob, classes, groups, resamples=200, seed=0, target_class="mel")
+    )
+    metrics["data_fingerprint"] = data_fingerprint(predictions)
+    (run / "metrics.json").write_text(json.dumps({"test": metrics}))
+    return run
+
+
+def test_intervals_and_paired_differences(tmp_path: Path) -> None:
+    weak = _scored_run(tmp_path, "weak", 1.0)
+    strong = _scored_run(tmp_path, "strong", 3.0)
+    same = _scored_run(tmp_path, "same", 1.0)  # the baseline's predictions again: no difference
+    comparison = compare_with_intervals([weak, strong, same], classes=["df"], resamples=200, seed=0)
+    assert comparison.warnings == [] and comparison.baseline == "weak"
+    assert list(comparison.values.columns) == [
+        *COMPARISON_METRICS,
+        "sensitivity_at_specificity_mel",
+        "recall_df",
+    ]
+    written = json.loads((strong / "metrics.json").read_text())["test"]
+    assert comparison.low.loc["strong", "balanced_accuracy"] == written["intervals"]["balanced_accuracy"][0]
+    assert comparison.high.loc["strong", "recall_df"] == written["intervals"]["recall_df"][1]
+    assert math.isnan(comparison.low.loc["strong", "precision_macro"])  # no interval for it
+    assert (
+        comparison.significant.loc["strong", "balanced_accuracy"]
+        and comparison.significant.loc["strong", "auc_macro"]
+    )
+    gain = comparison.difference.loc["strong", "balanced_accuracy"]
+    assert gain == pytest.approx(
+        written["balanced_accuracy"] - comparison.values.loc["weak", "balanced_accuracy"]
+    )
+    assert comparison.difference_low.loc["strong", "balanced_accuracy"] > 0
+    assert (
+        not comparison.significant.loc["same"].any()
+        and (comparison.difference.loc["same"].dropna() == 0).all()
+    )
+    assert comparison.difference.loc["weak"].isna().all()
+    markdown = comparison_markdown(comparison)
+    assert "Paired differences from weak (run - baseline):" in markdown
+    assert f"{comparison.values.loc['strong', 'balanced_accuracy']:.4f} [" in markdown and " *" in markdown
+    assert "200 resamples of lesions, seed 0" in markdown
+
+
+def test_runs_scored_on_different_data_get_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    demo = _scored_run(tmp_path, "demo", 1.0, images=60)
+    ham = _scored_run(tmp_path, "ham", 3.0, images=80, offset=1000)
+    comparison = compare_with_intervals([demo, ham], resamples=50)
+    assert len(comparison.warnings) == 1
+    assert (
+        "different data or splits (test: demo 60 images, ham 80 images, 0 in common)"
+        in comparison.warnings[0]
+    )
+    assert comparison.difference.isna().all(axis=None) and not comparison.significant.any(axis=None)
+    (demo / "eval" / "test" / "predictions.csv").unlink()  # the fingerprint in metrics.json still tells
+    assert "different data or splits" in compare_with_intervals([demo, ham], resamples=50).warnings[0]
+    assert main(["compare", str(demo), str(ham), "--out", str(tmp_path / "cmp")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: the runs were scored on different data or splits")
+    assert "> warning: the runs were scored on different data" in (tmp_path / "cmp.md").read_text()
+
+
+def test_runs_without_predictions_are_not_tested(tmp_path: Path) -> None:
+    first = _run(tmp_path, "baseline", 0.8)
+    second = _run(tmp_path, "cutmix", 0.9)
+    comparison = compare_with_intervals([first, second])
+    assert comparison.warnings == [
+        (
+            "no eval/test/predictions.csv for baseline, cutmix: cannot check that the runs were scored on the "
+            "same data; differences are not tested"
+        )
+    ]
+
+
+def test_cli_compare_prints_intervals_and_marks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    weak = _scored_run(tmp_path, "weak", 1.0)
+    strong = _scored_run(tmp_path, "strong", 3.0)
+    assert (
+        main(["compare", str(weak), str(strong), "--out", str(tmp_path / "cmp"), "--resamples", "100"]) == 0
+    )
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    low, high = json.loads((strong / "metrics.json").read_text())["test"]["intervals"]["accuracy"]
+    assert f"{low:.3f}-{high:.3f}" in captured.out
+    assert "difference from weak (paired bootstrap)" in captured.out and " *" in captured.out
+    table = pd.read_csv(tmp_path / "cmp.csv", index_col="run")
+    assert table.loc["strong", "accuracy_low"] == pytest.approx(low)
+    assert bool(table.loc["strong", "accuracy_significant"]) and not bool(
+        table.loc["weak", "accuracy_significant"]
+    )

@@ -7,7 +7,7 @@ from typing import Any
 
 from dermlab.config import Config, apply_overrides, load_config
 
-__all__ = ["add_config_arguments", "resolve_config", "print_metrics_table"]
+__all__ = ["add_config_arguments", "resolve_config", "print_metrics_table", "add_behaviour_arguments", "behaviour_options"]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,49 +22,46 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_behaviour_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--tta``, ``--tta-views`` and ``--uncalibrated``: overrides of the run's own inference behaviour."""
+    parser.add_argument("--tta", action="store_true", help="average over horizontal and vertical flips instead of the run's views")
+    parser.add_argument(
+        "--tta-views",
+        metavar="A,B",
+        help="test-time augmentation views or presets, comma-separated, e.g. identity (no TTA), hflip,vflip or "
+        "dihedral; default: the run's own (evaluation.tta)",
+    )
+    parser.add_argument(
+        "--uncalibrated", action="store_true", help="ignore the checkpoint's temperature (and its abstention rule)"
+    )
+
+
+def behaviour_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of :meth:`Predictor.from_path` from :func:`add_behaviour_arguments`' flags."""
+    tta = args.tta_views if args.tta_views else (True if args.tta else None)
+    return {"tta": tta, "calibrated": not args.uncalibrated, "abstain": not args.uncalibrated}
+
+
 def resolve_config(args: argparse.Namespace, flag_overrides: list[str]) -> Config:
     """Defaults < --config FILE < explicit flags < --set KEY=VALUE."""
     config = load_config(args.config) if getattr(args, "config", None) else Config()
     return apply_overrides(config, [*flag_overrides, *getattr(args, "overrides", [])])
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
-
-
 def print_metrics_table(summary: dict[str, Any], splits: tuple[str, ...] = ("val", "test"), title: str = "") -> None:
-    """One row per headline metric, one column per split."""
+    """One row per headline metric, one column per split, with bootstrap intervals where metrics.json has them."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    present = [s for s in splits if isinstance(summary.get(s), dict)]
-    table = Table(title=title or None)
-    table.add_column("metric")
-    for split in present:
+    from dermlab.evaluation.run_summary import interval_note, metrics_table
+
+    header, rows = metrics_table(summary, splits)
+    table = Table(title=escape(title) or None, caption=escape(interval_note(summary, splits)) or None)
+    table.add_column(header[0])
+    for split in header[1:]:
         table.add_column(split, justify="right")
-    rows = [
-        ("accuracy", "accuracy"),
-        ("balanced accuracy", "balanced_accuracy"),
-        ("macro precision", "precision_macro"),
-        ("macro recall", "recall_macro"),
-        ("macro F1", "f1_macro"),
-        ("macro AUC", "auc_macro"),
-        ("ECE", "ece"),
-        ("images", "n"),
-    ]
-    for label, key in rows:
-        table.add_row(label, *[_fmt(summary[s].get(key)) for s in present])
-    for split in present:
-        target = summary[split].get("target")
-        if isinstance(target, dict) and target.get("sensitivity_at_specificity"):
-            at = target["sensitivity_at_specificity"]
-            table.add_row(
-                f"{target.get('class')} sensitivity @ spec {_fmt(at.get('specificity'))} ({split})",
-                *[_fmt(at.get("sensitivity")) if s == split else "" for s in present],
-            )
+    for row in rows:
+        table.add_row(*map(escape, row))
     Console().print(table)
 

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from dermlab.cli._common import print_metrics_table
     from dermlab.config import Config, apply_overrides, load_config
     from dermlab.errors import ConfigError
-    from dermlab.evaluation.compare import compare_runs, comparison_markdown, write_comparison
+    from dermlab.evaluation.compare import compare_with_intervals, comparison_markdown, write_comparison
     from dermlab.evaluation.run_summary import summarise_run
     from dermlab.io import atomic_write_bytes
     from dermlab.training.run import prepare_run_data, train_run
@@ -134,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
         print_metrics_table(summary, title=entry["name"])
         run_dirs.append(run_dir)
     classes = args.classes or grid.get("classes")
-    table = compare_runs(run_dirs, split="test", classes=classes)
-    write_comparison(table, out / "comparison")
-    print(comparison_markdown(table))
+    comparison = compare_with_intervals(run_dirs, split="test", classes=classes)
+    write_comparison(comparison, out / "comparison")
+    print(comparison_markdown(comparison))
     print(f"wrote {out / 'comparison.md'} and {out / 'comparison.csv'}")
     return 0

@@ -10,7 +10,15 @@ from dermlab.evaluation.calibration import (
     negative_log_likelihood,
     reliability_bins,
 )
-from dermlab.evaluation.compare import COMPARISON_METRICS, compare_runs, comparison_markdown, write_comparison
+from dermlab.evaluation.bootstrap import bootstrap_intervals, paired_bootstrap
+from dermlab.evaluation.compare import (
+    COMPARISON_METRICS,
+    RunComparison,
+    compare_runs,
+    compare_with_intervals,
+    comparison_markdown,
+    write_comparison,
+)
 from dermlab.evaluation.metrics import (
     SUMMARY_METRICS,
     compute_metrics,
@@ -29,8 +37,11 @@ from dermlab.evaluation.report import render_report, write_report
 __all__ = [
     "COMPARISON_METRICS",
     "SUMMARY_METRICS",
+    "RunComparison",
     "apply_temperature",
+    "bootstrap_intervals",
     "compare_runs",
+    "compare_with_intervals",
     "comparison_markdown",
     "compute_metrics",
     "expected_calibration_error",
@@ -39,6 +50,7 @@ __all__ = [
     "format_per_class_table",
     "negative_log_likelihood",
     "operating_points",
+    "paired_bootstrap",
     "plot_confusion_matrix",
     "plot_reliability_diagram",
     "plot_roc_curves",

@@ -173,8 +173,10 @@ def plot_training_curves(metrics_csv_path: str | Path, path: str | Path, title: 
     """Loss, metric and learning-rate curves per epoch from a Lightning ``CSVLogger`` ``metrics.csv``.
 
     Rows are sparse (train and validation rows are logged separately), so each column keeps its last logged
-    value per epoch. ``*_step`` columns are dropped when the matching ``*_epoch`` column exists. Any column
-    may be missing; a file with nothing to plot still produces a figure that says so.
+    value per epoch. ``*_step`` columns are dropped when the matching ``*_epoch`` column exists, and counters
+    (``epoch``, ``step``, ``run_epoch``) are never drawn as curves. Epochs count over the whole run: stage 2
+    (a new trainer, whose ``epoch`` restarts at 0) continues after stage 1, and a dotted line marks where it
+    starts. Any column may be missing; a file with nothing to plot still produces a figure that says so.
     """
     source = Path(metrics_csv_path)
     if not source.is_file():
@@ -199,7 +201,15 @@ def plot_training_curves(metrics_csv_path: str | Path, path: str | Path, title: 
         for column in columns:
             series = curves[column].dropna()
             axes.plot(series.index, series.to_numpy(), marker="o", markersize=3, label=column)
+        for number, start in enumerate(curves.attrs.get("stage_starts", []), start=2):
+            axes.axvline(start - 0.5, color="grey", linestyle=":", linewidth=1)
+            axes.annotate(f"stage {number}", (start - 0.5, 1.0), xycoords=("data", "axes fraction"),
+                          xytext=(3, -10), textcoords="offset points", fontsize=7, color="grey")
         axes.set_xlabel(curves.index.name or "epoch")
+        if curves.index.name in ("epoch", "step"):
+            from matplotlib.ticker import MaxNLocator
+
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel(name)
         if name == "learning rate" and (curves[columns] > 0).all(axis=None):
             axes.set_yscale("log")
@@ -209,16 +219,22 @@ def plot_training_curves(metrics_csv_path: str | Path, path: str | Path, title: 
     return _save(figure, path)
 
 
+# Counters a training log carries beside the metrics: the x axis, never a curve.
+_BOOKKEEPING_COLUMNS = frozenset({"epoch", "step", "run_epoch", "global_step", "stage", "created_at"})
+
+
 def _epoch_curves(frame: pd.DataFrame) -> pd.DataFrame:
     frame = frame.dropna(axis="columns", how="all")
-    values = [c for c in frame.columns if c not in ("epoch", "step")]
+    values = [c for c in frame.columns if c not in _BOOKKEEPING_COLUMNS]
     values = [c for c in values if not (c.endswith("_step") and c.removesuffix("_step") + "_epoch" in frame)]
     numeric = frame[values].apply(pd.to_numeric, errors="coerce").dropna(axis="columns", how="all")
     if "epoch" in frame.columns:
-        key = pd.to_numeric(frame["epoch"], errors="coerce")
+        key, stages = _run_epochs(frame)
         # groupby().last() skips NaN, so each epoch gets the last value actually logged in it.
         curves = numeric[key.notna()].groupby(key[key.notna()].astype(int)).last()
         curves.index.name = "epoch"
+        starts = key.groupby(stages).min().dropna()
+        curves.attrs["stage_starts"] = [int(value) for value in starts.iloc[1:]]
     elif "step" in frame.columns:
         curves = numeric.groupby(pd.to_numeric(frame["step"], errors="coerce")).last()
         curves.index.name = "step"
@@ -226,6 +242,47 @@ def _epoch_curves(frame: pd.DataFrame) -> pd.DataFrame:
         curves = numeric
         curves.index.name = "row"
     return curves
+
+
+def _run_epochs(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Each row's epoch counted over the whole run (every stage, a new trainer, restarts ``epoch``) and stage.
+
+    Within a stage the offset is ``run_epoch - epoch`` where the validation rows log ``run_epoch``, else the
+    stage continues where the previous one ended.
+    """
+    epoch = _numeric_column(frame, "epoch")
+    logged_offset = _numeric_column(frame, "run_epoch") - epoch
+    stages = _stage_numbers(epoch, _numeric_column(frame, "step"), logged_offset)
+    run_epoch = pd.Series(np.nan, index=frame.index)
+    next_start = 0.0
+    for number in sorted(set(stages)):
+        rows = stages == number
+        known = logged_offset[rows].dropna()
+        run_epoch[rows] = epoch[rows] + (float(known.iloc[0]) if len(known) else next_start)
+        if run_epoch[rows].notna().any():
+            next_start = float(run_epoch[rows].max()) + 1.0
+    return run_epoch, stages
+
+
+def _stage_numbers(epoch: pd.Series, step: pd.Series, logged_offset: pd.Series) -> pd.Series:
+    """0, 1, ... per row: a stage starts where ``epoch`` or ``step`` falls back or the logged offset changes."""
+    stage, numbers = 0, []
+    last_epoch = last_step = last_offset = np.nan
+    for this_epoch, this_step, offset in zip(epoch, step, logged_offset):
+        offset_changed = not (np.isnan(offset) or np.isnan(last_offset)) and offset != last_offset
+        if this_epoch < last_epoch or this_step < last_step or offset_changed:  # False against NaN
+            stage, last_offset = stage + 1, np.nan
+        numbers.append(stage)
+        last_epoch = last_epoch if np.isnan(this_epoch) else this_epoch
+        last_step = last_step if np.isnan(this_step) else this_step
+        last_offset = last_offset if np.isnan(offset) else offset
+    return pd.Series(numbers, index=epoch.index)
+
+
+def _numeric_column(frame: pd.DataFrame, name: str) -> pd.Series:
+    if name not in frame:
+        return pd.Series(np.nan, index=frame.index, dtype=float)
+    return pd.to_numeric(frame[name], errors="coerce").astype(float)
 
 
 def _as_bins(value: Mapping[str, Any] | tuple[Any, Any], n_bins: int) -> Mapping[str, Any]:

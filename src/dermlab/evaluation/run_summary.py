@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from dermlab.evaluation.abstention import AbstentionRule, fit_abstention, synthetic_non_lesion_images
+from dermlab.evaluation.bootstrap import sensitivity_key
 from dermlab.evaluation.evaluate import (
     predict_image_logits,
     predict_view_logits,
@@ -29,7 +30,7 @@ from dermlab.evaluation.tta import fit_tta_temperature, resolve_tta_views
 from dermlab.io import atomic_write_json
 from dermlab.models.checkpoint import LoadedModel, load_checkpoint, update_checkpoint_metadata
 
-__all__ = ["summarise_run"]
+__all__ = ["summarise_run", "metrics_table", "interval_note"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,83 @@ def summarise_run(
         log.warning("could not write the model card: %s", error)
     write_report(run_dir)
     return summary
+
+
+# The console table's rows: (label, key in the split's metrics, key in its "intervals" or None).
+_TABLE_ROWS = (
+    ("accuracy", "accuracy", "accuracy"),
+    ("balanced accuracy", "balanced_accuracy", "balanced_accuracy"),
+    ("macro precision", "precision_macro", None),
+    ("macro recall", "recall_macro", None),
+    ("macro F1", "f1_macro", "f1_macro"),
+    ("macro AUC", "auc_macro", "auc_macro"),
+    ("ECE", "ece", None),
+    ("images", "n", None),
+)
+
+
+def metrics_table(summary: dict[str, Any], splits: tuple[str, ...] = ("val", "test")) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the console table: one row per headline metric, one column per split.
+
+    Values with a bootstrap interval in the split's ``intervals`` read ``value [low, high]``; then come the
+    target class's sensitivity at the fixed specificity and each class's recall.
+    """
+    present = [split for split in splits if isinstance(summary.get(split), dict)]
+    parts = [summary[split] for split in present]
+    rows = [[label, *(_cell(part, key, interval) for part in parts)] for label, key, interval in _TABLE_ROWS]
+    target = next((part["target"] for part in parts if isinstance(part.get("target"), dict)), None)
+    if target is not None and isinstance(target.get("sensitivity_at_specificity"), dict):
+        requested = target["sensitivity_at_specificity"].get("requested")
+        rows.append(
+            [
+                f"{target['class']} sensitivity @ spec {requested:g}",
+                *(_sensitivity_cell(part, target["class"]) for part in parts),
+            ]
+        )
+    classes = next((list(part["per_class"]) for part in parts if isinstance(part.get("per_class"), dict)), [])
+    for name in classes:
+        rows.append([f"recall {name}", *(_recall_cell(part, name) for part in parts)])
+    return ["metric", *present], rows
+
+
+def interval_note(summary: dict[str, Any], splits: tuple[str, ...] = ("val", "test")) -> str:
+    """What the brackets of :func:`metrics_table` mean, e.g. "[low, high]: 95% bootstrap interval, ...", or ""."""
+    for split in splits:
+        bootstrap = (summary.get(split) or {}).get("bootstrap") if isinstance(summary.get(split), dict) else None
+        if isinstance(bootstrap, dict):
+            unit = "lesions" if bootstrap.get("unit") == "lesion" else "images"
+            return (
+                f"[low, high]: {100 * bootstrap.get('confidence', 0.95):g}% bootstrap interval "
+                f"({bootstrap.get('resamples')} resamples of {unit}, seed {bootstrap.get('seed')})"
+            )
+    return ""
+
+
+def _cell(metrics: dict[str, Any], key: str, interval_key: str | None) -> str:
+    value = metrics.get(key)
+    interval = (metrics.get("intervals") or {}).get(interval_key) if interval_key else None
+    return _with_interval(value, interval)
+
+
+def _sensitivity_cell(metrics: dict[str, Any], target_class: str) -> str:
+    point = ((metrics.get("target") or {}).get("sensitivity_at_specificity")) or {}
+    interval = (metrics.get("intervals") or {}).get(sensitivity_key(target_class))
+    return _with_interval(point.get("sensitivity"), interval)
+
+
+def _recall_cell(metrics: dict[str, Any], name: str) -> str:
+    value = ((metrics.get("per_class") or {}).get(name) or {}).get("recall")
+    return _with_interval(value, (metrics.get("intervals") or {}).get(f"recall_{name}"))
+
+
+def _with_interval(value: Any, interval: Any) -> str:
+    if value is None:
+        return "n/a"
+    if not isinstance(value, float):
+        return str(value)
+    if isinstance(interval, (list, tuple)) and len(interval) == 2:
+        return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+    return f"{value:.4f}"
 
 
 def _fit_on_val(
