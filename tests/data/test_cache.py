@@ -227,7 +227,7 @@ def test_training_run_uses_the_image_cache_and_channels_last(ham_dir: Path, tmp_
 
     monkeypatch.setenv("DERMLAB_PROGRESS", "0")
     overrides = [
-        f"data.path={ham_dir}", "model.name=test_efficientnet", "model.input_size=[32,32]", "data.num_workers=0",
+        f"data.path={ham_dir}", "model.name=test_efficientnet", "model.weights=none", "model.input_size=[32,32]", "data.num_workers=0",
         "data.batch_size=8", "train.stage1_epochs=0", "train.stage2_epochs=1", f"data.cache_dir={tmp_path / 'cache'}",
         "train.channels_last=true",
     ]

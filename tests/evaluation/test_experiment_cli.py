@@ -19,7 +19,7 @@ def test_experiment_trains_each_run_on_one_split_and_writes_the_table(
     grid = {
         "data": str(ham_dir),
         "set": {
-            "model": {"name": "test_efficientnet", "input_size": [32, 32]},
+            "model": {"name": "test_efficientnet", "weights": "none", "input_size": [32, 32]},
             "data": {"num_workers": 0, "batch_size": 8},
             "train": {"stage1_epochs": 1, "stage2_epochs": 1},
         },

@@ -184,7 +184,7 @@ def test_a_robust_recipe_trains_and_its_run_gets_a_shift_report(
 
     monkeypatch.setenv("DERMLAB_PROGRESS", "0")
     overrides = [
-        f"data.path={ham_dir}", "model.name=test_efficientnet", "model.input_size=[24,32]", "data.num_workers=0",
+        f"data.path={ham_dir}", "model.name=test_efficientnet", "model.weights=none", "model.input_size=[24,32]", "data.num_workers=0",
         "data.batch_size=8", "train.stage1_epochs=0", "train.stage2_epochs=1", "data.augmentation=derm-robust",
         "model.resize_mode=letterbox", "model.color_constancy=shades_of_gray", "model.color_constancy_p=4",
     ]

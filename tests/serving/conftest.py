@@ -35,6 +35,29 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+FUSION = ModelConfig(name="test_efficientnet", input_size=[32, 32], metadata_fusion=True, weights="none")
+
+
+def save_fusion_run(
+    root: Path, config: Config | None = None, classes: list[str] = CLASSES, seed: int = 0, **extras: object
+) -> Path:
+    """A run folder with ``checkpoints/best.ckpt`` of an untrained metadata-fusion model (``config.model``,
+    default :data:`FUSION`); the metadata encoder's weights are scaled up so metadata moves the probabilities."""
+    torch.manual_seed(seed)
+    config = config or Config(model=FUSION)
+    model = create_model(config.model, len(classes), load_weights=False)
+    with torch.no_grad():
+        model.metadata_encoder[0].weight.mul_(8.0)
+    save_checkpoint(root / "checkpoints" / "best.ckpt", model, config, classes, resolve_preprocessing(model, config.model), **extras)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fusion_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained metadata-fusion run over nv / mel / bkl (no temperature, no abstention, no TTA)."""
+    return save_fusion_run(tmp_path_factory.mktemp("fusion"))
+
+
 @pytest.fixture(scope="session")
 def predictor(run_dir: Path):
     from dermlab.serving.predictor import Predictor
@@ -78,3 +101,9 @@ def png_header_only(width: int, height: int) -> bytes:
 @pytest.fixture(scope="session")
 def images() -> SimpleNamespace:
     return SimpleNamespace(sample=sample_image, encode=image_bytes, png_header_only=png_header_only)
+
+
+@pytest.fixture(scope="session")
+def make_fusion_run():
+    """:func:`save_fusion_run`, for tests that need a fusion run with their own config or extras."""
+    return save_fusion_run

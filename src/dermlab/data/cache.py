@@ -141,12 +141,12 @@ def build_image_cache(
     margin: float = 0.0,
     interpolation: str = "bicubic",
     workers: int = 0,
-    progress: bool | None = None,
+    progress: bool = False,
 ) -> ImageCache:
     """The cache of ``paths`` under ``cache_dir/images``: loaded when it exists, else built once, atomically.
 
     ``workers`` threads decode (Pillow releases the GIL while decoding and resampling); ``progress`` shows a
-    bar (default: unless the environment sets ``DERMLAB_PROGRESS=0``).
+    bar while building (the caller decides: training passes ``dermlab.training.progress.show_bars()``).
     """
     if interpolation not in INTERPOLATIONS:
         valid = ", ".join(INTERPOLATIONS)
@@ -229,7 +229,7 @@ def _build_store(
     first_path: dict[str, str],
     interpolation: str,
     threads: int,
-    progress: bool | None,
+    progress: bool,
 ) -> int:
     """Write ``name.npy`` (rows in ``keys`` order) then ``name.json``; returns how many images were decoded."""
     from torchvision.transforms import InterpolationMode
@@ -249,7 +249,7 @@ def _build_store(
         return np.asarray(image, dtype=np.uint8)
 
     to_decode = sum(1 for key in keys if not any(key in rows for _, rows in donors))
-    show = progress if progress is not None else os.environ.get("DERMLAB_PROGRESS", "1") != "0"
+    show = progress
     log.info("image cache: %d images (%d to decode) into %s", len(keys), to_decode, root / f"{name}.npy")
 
     def write(tmp: Path) -> None:
@@ -302,7 +302,7 @@ def create_image_loader(
     *,
     margin: float = 0.0,
     workers: int = 0,
-    progress: bool | None = None,
+    progress: bool = False,
 ) -> Callable[[str], Image.Image]:
     """An image loader for :class:`~dermlab.data.datamodule.ImageDataset`: the cache of ``paths`` sized for
     ``transform`` when ``cache_dir`` is set and ``transform`` starts with a resize, else :func:`read_image`.

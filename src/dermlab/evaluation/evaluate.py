@@ -18,7 +18,15 @@ from dermlab.data.images import read_image
 from dermlab.data.transforms import create_transform
 from dermlab.errors import DataError
 from dermlab.evaluation.abstention import AbstentionRule, abstention_summary
+from dermlab.evaluation.bootstrap import bootstrap_intervals
 from dermlab.evaluation.calibration import reliability_bins
+from dermlab.evaluation.compare import data_fingerprint
+from dermlab.evaluation.inference import (
+    InferenceBehaviour,
+    checkpoint_abstention,
+    checkpoint_temperature,
+    resolve_behaviour,
+)
 from dermlab.evaluation.metrics import compute_metrics
 from dermlab.evaluation.plots import plot_confusion_matrix, plot_reliability_diagram, plot_roc_curves
 from dermlab.evaluation.tta import average_probabilities, resolve_tta_views, view_logits
@@ -138,19 +146,12 @@ def _forward(model: torch.nn.Module, inputs: Any, device: torch.device) -> Calla
 
 def resolve_temperature(loaded: LoadedModel) -> float:
     """The checkpoint's fitted temperature (``checkpoint["dermlab"]["temperature"]``), 1.0 when it has none."""
-    value = loaded.extras.get("temperature")
-    if value is None:
-        return 1.0
-    temperature = float(value)
-    if not (np.isfinite(temperature) and temperature > 0):
-        raise DataError(f"{loaded.path}: temperature must be a finite number > 0, got {value!r}")
-    return temperature
+    return checkpoint_temperature(loaded.extras, str(loaded.path))
 
 
 def resolve_abstention(loaded: LoadedModel) -> AbstentionRule | None:
     """The checkpoint's abstention rule (``checkpoint["dermlab"]["abstention"]``), or None."""
-    value = loaded.extras.get("abstention")
-    return AbstentionRule.from_dict(value, str(loaded.path)) if value else None
+    return checkpoint_abstention(loaded.extras, str(loaded.path))
 
 
 def predictions_frame(frame: pd.DataFrame, classes: Sequence[str], probabilities: np.ndarray) -> pd.DataFrame:
@@ -177,11 +178,15 @@ def score_predictions(
     *,
     uncalibrated: np.ndarray | None = None,
     extra: dict[str, Any] | None = None,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Metrics and plots from a predictions frame; writes ``metrics.json``, ``predictions.csv`` and PNGs.
 
     ``uncalibrated``: the probabilities before temperature scaling, drawn beside the frame's own in the
-    reliability diagram. ``extra`` entries are added to the metrics.
+    reliability diagram. ``extra`` entries are added to the metrics. ``groups`` (lesion ids, one per row) are
+    what the bootstrap intervals resample (``evaluation.bootstrap_resamples``; images when None); the metrics
+    get ``intervals`` and ``bootstrap`` (:func:`dermlab.evaluation.bootstrap.bootstrap_intervals`) and
+    ``data_fingerprint`` (:func:`dermlab.evaluation.compare.data_fingerprint`).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     index = {name: i for i, name in enumerate(classes)}
@@ -200,6 +205,20 @@ def score_predictions(
         fixed_sensitivity=evaluation.fixed_sensitivity,
         ece_bins=evaluation.ece_bins,
     )
+    metrics["data_fingerprint"] = data_fingerprint(predictions)
+    if evaluation.bootstrap_resamples > 0:
+        metrics.update(
+            bootstrap_intervals(
+                y_true,
+                y_prob,
+                list(classes),
+                groups=groups,
+                resamples=evaluation.bootstrap_resamples,
+                seed=evaluation.bootstrap_seed,
+                target_class=target,
+                fixed_specificity=evaluation.fixed_specificity,
+            )
+        )
     metrics.update(extra or {})
     atomic_save(out_dir / "predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
     atomic_write_json(out_dir / "metrics.json", metrics)
@@ -232,21 +251,24 @@ def evaluate_frame(
 
     ``tta``: views to average (default ``evaluation.tta``). ``calibrated``: apply the checkpoint's temperature.
     ``abstain``: apply the checkpoint's abstention rule (an ``uncertain`` column and an ``abstention`` entry).
+    The behaviour is resolved as ``predict`` and ``serve`` resolve it (:func:`dermlab.evaluation.inference.resolve_behaviour`).
     """
     if len(frame) == 0:
         raise DataError("nothing to evaluate: the chosen split is empty")
     evaluation = evaluation or loaded.config.evaluation
-    views = resolve_tta_views(evaluation.tta if tta is None else tta)
-    logits = predict_view_logits(loaded, frame, views, batch_size=batch_size, num_workers=num_workers)
+    behaviour = resolve_behaviour(
+        evaluation.tta, loaded.extras, str(loaded.path), tta=tta, calibrated=calibrated, abstain=abstain
+    )
+    logits = predict_view_logits(loaded, frame, behaviour.views, batch_size=batch_size, num_workers=num_workers)
     return score_logits(
         logits,
         frame,
         loaded.classes,
         out_dir,
         evaluation,
-        temperature=resolve_temperature(loaded) if calibrated else 1.0,
-        abstention=resolve_abstention(loaded) if abstain else None,
-        views=views,
+        temperature=behaviour.temperature,
+        abstention=behaviour.abstention,
+        views=behaviour.views,
     )
 
 
@@ -269,7 +291,8 @@ def score_logits(
     accepted), and predictions.csv gets an ``uncertain`` column.
     """
     logits = np.asarray(logits)
-    probabilities = average_probabilities(logits, temperature)
+    decisions = InferenceBehaviour(tuple(views), temperature, abstention).decide(logits)  # as predict and serve
+    probabilities = decisions.probabilities
     raw = average_probabilities(logits, 1.0) if temperature != 1.0 else probabilities
     predictions = predictions_frame(frame, classes, probabilities)
     index = {name: i for i, name in enumerate(classes)}
@@ -288,7 +311,7 @@ def score_logits(
         },
     }
     if abstention is not None:
-        rejected = abstention.reject(logits)
+        rejected = decisions.uncertain
         predictions["uncertain"] = rejected
         extra["abstention"] = {
             **abstention_summary(y_true, probabilities, rejected),
@@ -302,6 +325,7 @@ def score_logits(
         evaluation,
         uncalibrated=raw if temperature != 1.0 else None,
         extra=extra,
+        groups=frame["group"].astype(str).tolist() if "group" in frame else None,
     )
 
 

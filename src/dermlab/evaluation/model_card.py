@@ -108,7 +108,9 @@ def _model_details(config: dict[str, Any]) -> str:
     data = config.get("data") or {}
     loss = config.get("loss") or {}
     evaluation = config.get("evaluation") or {}
-    if model.get("weights"):
+    if str(model.get("weights") or "").strip().lower() == "none":
+        weights = "random initialisation (asked for with `model.weights: none`)"
+    elif model.get("weights"):
         weights = f"local weights file `{Path(str(model['weights'])).name}`"
     elif str(model.get("name", "")).endswith(".packaged"):
         weights = "ImageNet weights shipped in a Python package"

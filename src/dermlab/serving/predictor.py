@@ -1,5 +1,11 @@
 """Inference from a checkpoint alone (or its ONNX export): preprocessing, batching, TTA, temperature,
-abstention, Grad-CAM.
+abstention, metadata, Grad-CAM.
+
+By default a predictor behaves as ``dermlab evaluate`` scores the run: the run's own TTA views, the
+checkpoint's temperature and its abstention rule (:mod:`dermlab.evaluation.inference`); ``tta``, ``calibrated``
+and ``abstain`` override them. A metadata-fusion model takes each image's age, sex and localization
+(:class:`dermlab.models.fusion.PatientMetadata`); an image without them is predicted with all three unknown,
+and every result says which it was.
 
 A :class:`Predictor` is shared by every request of the web app, so each call into the network holds a lock:
 concurrent callers are served one batch at a time and never race on the model (or on Grad-CAM's hooks).
@@ -12,7 +18,7 @@ import io
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +32,10 @@ from dermlab.data.preprocessing import Preprocessing
 from dermlab.data.transforms import create_transform
 from dermlab.errors import CheckpointError, ConfigError, DataError
 from dermlab.evaluation.abstention import AbstentionRule
-from dermlab.evaluation.tta import DEFAULT_TTA_VIEWS, TTA_VIEWS, average_probabilities, resolve_tta_views, view_logits
+from dermlab.evaluation.inference import InferenceBehaviour, resolve_behaviour
+from dermlab.evaluation.tta import DEFAULT_TTA_VIEWS, TTA_VIEWS, view_logits
 from dermlab.models.checkpoint import LoadedModel
+from dermlab.models.fusion import PatientMetadata, encode_patient_metadata, uses_metadata
 
 __all__ = [
     "ENGINES",
@@ -50,14 +58,22 @@ ENGINES = ("torch", "onnx")
 _OVERLAY_MAX_SIDE = 512  # Grad-CAM overlays are returned at most this large (keeps responses small)
 
 
+TtaSetting = bool | str | Sequence[str] | None
+MetadataRows = Sequence[PatientMetadata | None] | None
+
+
 @dataclass(frozen=True)
 class PathPrediction:
-    """One image file's class probabilities, in the predictor's class order, and the abstention verdict."""
+    """One image file's class probabilities, in the predictor's class order, and the abstention verdict.
+
+    ``metadata``: what a metadata-fusion model was given for this image (``None``: nothing, all unknown).
+    """
 
     path: Path
     probabilities: np.ndarray
     uncertain: bool = False
     reasons: tuple[str, ...] = ()
+    metadata: PatientMetadata | None = None
 
 
 @dataclass(frozen=True)
@@ -73,43 +89,41 @@ class AbstainingPrediction:
     scores: dict[str, np.ndarray]
 
 
-def _resolve_abstention(value: Any, source: str) -> AbstentionRule | None:
-    return AbstentionRule.from_dict(value, source) if value else None
-
-
-def _resolve_temperature(value: Any, source: str) -> float:
-    if value is None:
-        return 1.0
-    try:
-        temperature = float(value)
-    except (TypeError, ValueError):
-        raise CheckpointError(f"{source}: temperature must be a number, got {value!r}") from None
-    if not np.isfinite(temperature) or temperature <= 0:
-        raise CheckpointError(f"{source}: temperature must be > 0, got {value!r}")
-    return temperature
-
-
 class Predictor:
     """Class probabilities (and Grad-CAM overlays) for PIL images, with the checkpoint's own preprocessing.
 
     >>> predictor = Predictor.from_path("runs/exp1")          # run folder or .ckpt (or engine="onnx")
     >>> predictor.predict_images([image])                       # (1, num_classes) probabilities
+
+    ``tta``: ``None`` = the run's own views (``evaluation.tta``), else a setting for
+    :func:`~dermlab.evaluation.tta.resolve_tta_views`. ``calibrated=False`` ignores the checkpoint's temperature,
+    ``abstain=False`` its abstention rule.
     """
 
     engine = "torch"
 
-    def __init__(self, loaded: LoadedModel, *, tta: bool | Sequence[str] = False, batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        tta: TtaSetting = None,
+        calibrated: bool = True,
+        abstain: bool = True,
+        batch_size: int = 32,
+    ) -> None:
         self.loaded = loaded
         self._model = loaded.model.eval()
         self._device = next(iter(loaded.model.parameters()), torch.empty(0)).device
+        behaviour = resolve_behaviour(
+            loaded.config.evaluation.tta, loaded.extras, str(loaded.path), tta=tta, calibrated=calibrated, abstain=abstain
+        )
         self._setup(
             classes=loaded.classes,
             preprocessing=loaded.preprocessing,
             model_id=loaded.model_id,
-            temperature=_resolve_temperature(loaded.extras.get("temperature"), str(loaded.path)),
-            tta=tta,
+            behaviour=behaviour,
             batch_size=batch_size,
-            abstention=_resolve_abstention(loaded.extras.get("abstention"), str(loaded.path)),
+            takes_metadata=uses_metadata(loaded.model),
         )
 
     def _setup(
@@ -118,22 +132,32 @@ class Predictor:
         classes: Sequence[str],
         preprocessing: Preprocessing,
         model_id: str,
-        temperature: float,
-        tta: bool | Sequence[str],
+        behaviour: InferenceBehaviour,
         batch_size: int,
-        abstention: AbstentionRule | None = None,
+        takes_metadata: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.classes: list[str] = list(classes)
         self.preprocessing = preprocessing
         self.model_id = model_id
-        self.temperature = temperature
-        self.tta_views = resolve_tta_views(tta)
+        self.behaviour = behaviour
         self.batch_size = batch_size
-        self.abstention = abstention
+        self.takes_metadata = takes_metadata
         self._transform = create_transform("none", preprocessing, train=False)
         self._lock = threading.Lock()
+
+    @property
+    def temperature(self) -> float:
+        return self.behaviour.temperature
+
+    @property
+    def tta_views(self) -> tuple[str, ...]:
+        return self.behaviour.views
+
+    @property
+    def abstention(self) -> AbstentionRule | None:
+        return self.behaviour.abstention
 
     # ------------------------------------------------------------------------------------------- construction
 
@@ -143,21 +167,24 @@ class Predictor:
         path: str | Path,
         engine: str = "torch",
         *,
-        tta: bool | Sequence[str] = False,
+        tta: TtaSetting = None,
+        calibrated: bool = True,
+        abstain: bool = True,
         batch_size: int = 32,
     ) -> Predictor:
         """A predictor for a run folder or checkpoint (``engine="torch"``), or an ONNX export (``"onnx"``).
 
         With ``engine="onnx"``, ``path`` is a ``.onnx`` file or a run folder holding ``export/model.onnx``.
         """
+        options: dict[str, Any] = {"tta": tta, "calibrated": calibrated, "abstain": abstain, "batch_size": batch_size}
         if engine == "torch":
             from dermlab.models.checkpoint import load_checkpoint
 
             if Path(path).suffix == ".onnx":
                 raise ConfigError(f"{path}: an ONNX file needs --engine onnx")
-            return cls(load_checkpoint(path), tta=tta, batch_size=batch_size)
+            return cls(load_checkpoint(path), **options)
         if engine == "onnx":
-            return OnnxPredictor(resolve_onnx_path(path), tta=tta, batch_size=batch_size)
+            return OnnxPredictor(resolve_onnx_path(path), **options)
         raise ConfigError(f"unknown engine {engine!r}; valid engines: {', '.join(ENGINES)}")
 
     # ------------------------------------------------------------------------------------------- inference
@@ -171,38 +198,62 @@ class Predictor:
         """Normalised float batch ``(N, 3, H, W)`` of RGB PIL images."""
         return torch.stack([self._transform(image.convert("RGB")) for image in images])
 
-    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """Raw network outputs for a preprocessed batch. Called with the lock held."""
+    def _logits(self, batch: torch.Tensor, metadata: torch.Tensor | None) -> torch.Tensor:
+        """Raw network outputs for a preprocessed batch (and encoded metadata). Called with the lock held."""
         with torch.inference_mode():
-            return self._model(batch.to(self._device)).float().cpu()
+            inputs = (batch.to(self._device),) if metadata is None else (batch.to(self._device), metadata.to(self._device))
+            return self._model(*inputs).float().cpu()
 
-    def _locked_logits(self, batch: torch.Tensor) -> torch.Tensor:
-        with self._lock:
-            return self._logits(batch)
+    def _encode_metadata(self, metadata: MetadataRows, count: int) -> torch.Tensor | None:
+        """The metadata tensor for a fusion model (all unknown without ``metadata``); None for an image-only one."""
+        if not self.takes_metadata:
+            self.refuse_metadata_unless_fused(metadata is not None and any(row is not None for row in metadata))
+            return None
+        rows = list(metadata) if metadata is not None else [None] * count
+        if len(rows) != count:
+            raise ConfigError(f"{len(rows)} metadata rows for {count} images")
+        return encode_patient_metadata(rows)
 
-    def tta_logits(self, batch: torch.Tensor) -> torch.Tensor:
+    def refuse_metadata_unless_fused(self, given: bool) -> None:
+        """Raise when metadata is ``given`` to a model that does not take it (it would silently be dropped)."""
+        if given and not self.takes_metadata:
+            raise ConfigError(
+                f"model {self.model_id} does not take metadata (trained without model.metadata_fusion); "
+                "predict without age, sex and localization"
+            )
+
+    def tta_logits(self, batch: torch.Tensor, metadata: MetadataRows = None) -> torch.Tensor:
         """Raw logits ``(V, N, C)`` of a preprocessed batch, one slice per TTA view."""
-        return view_logits(self._locked_logits, batch, self.tta_views)
+        encoded = self._encode_metadata(metadata, batch.shape[0])
 
-    def predict_tensor(self, batch: torch.Tensor) -> np.ndarray:
+        def forward(view: torch.Tensor) -> torch.Tensor:
+            with self._lock:
+                return self._logits(view, encoded)
+
+        return view_logits(forward, batch, self.tta_views)
+
+    def predict_tensor(self, batch: torch.Tensor, metadata: MetadataRows = None) -> np.ndarray:
         """Probabilities ``(N, C)`` of a preprocessed batch: TTA views averaged, temperature applied."""
-        return average_probabilities(self.tta_logits(batch), self.temperature).astype(np.float32)
+        return self.behaviour.probabilities(self.tta_logits(batch, metadata)).astype(np.float32)
 
-    def predict_with_abstention(self, images: Sequence[Image.Image]) -> AbstainingPrediction:
-        """Probabilities of PIL images plus the checkpoint's abstention verdict (see :class:`AbstainingPrediction`)."""
+    def predict_with_abstention(self, images: Sequence[Image.Image], metadata: MetadataRows = None) -> AbstainingPrediction:
+        """Probabilities of PIL images plus the checkpoint's abstention verdict (see :class:`AbstainingPrediction`).
+
+        ``metadata``: one :class:`PatientMetadata` (or ``None``) per image, for a metadata-fusion model.
+        """
         probabilities, uncertain, reasons, scores = [], [], [], []
+        rows = list(metadata) if metadata is not None else None
+        if rows is not None and len(rows) != len(images):
+            raise ConfigError(f"{len(rows)} metadata rows for {len(images)} images")
         for start in range(0, len(images), self.batch_size):
-            logits = self.tta_logits(self.preprocess(images[start : start + self.batch_size]))
-            probabilities.append(average_probabilities(logits, self.temperature).astype(np.float32))
-            if self.abstention is not None:
-                chunk_scores = self.abstention.scores(logits)
-                chunk_reasons = self.abstention.reasons(chunk_scores)
-                scores.append(chunk_scores)
-                reasons.extend(chunk_reasons)
-                uncertain.extend(bool(r) for r in chunk_reasons)
-            else:
-                reasons.extend([] for _ in range(logits.shape[1]))
-                uncertain.extend(False for _ in range(logits.shape[1]))
+            chunk = rows[start : start + self.batch_size] if rows is not None else None
+            logits = self.tta_logits(self.preprocess(images[start : start + self.batch_size]), chunk)
+            decisions = self.behaviour.decide(logits)
+            probabilities.append(decisions.probabilities.astype(np.float32))
+            reasons.extend(decisions.reasons)
+            uncertain.extend(decisions.uncertain.tolist())
+            if decisions.scores:
+                scores.append(decisions.scores)
         names = list(self.abstention.thresholds) if self.abstention is not None else []
         return AbstainingPrediction(
             probabilities=np.concatenate(probabilities) if probabilities else np.zeros((0, len(self.classes)), np.float32),
@@ -211,27 +262,24 @@ class Predictor:
             scores={name: np.concatenate([chunk[name] for chunk in scores]) for name in names} if scores else {},
         )
 
-    def predict_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+    def predict_images(self, images: Sequence[Image.Image], metadata: MetadataRows = None) -> np.ndarray:
         """Class probabilities ``(N, C)`` (rows sum to 1) for PIL images, in batches of ``batch_size``."""
-        outputs = [
-            self.predict_tensor(self.preprocess(images[start : start + self.batch_size]))
-            for start in range(0, len(images), self.batch_size)
-        ]
-        if not outputs:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        return np.concatenate(outputs)
+        return self.predict_with_abstention(images, metadata).probabilities
 
     def predict_paths(
         self,
         paths: Iterable[str | Path],
         batch_size: int | None = None,
         on_error: Callable[[Path, DataError], None] | None = None,
+        metadata: Mapping[str, PatientMetadata] | None = None,
     ) -> Iterator[PathPrediction]:
         """Yield one :class:`PathPrediction` per readable file, in order; unreadable files are skipped.
 
         Each unreadable file is passed to ``on_error(path, error)`` (default: a logged warning), so one bad
-        file never stops the batch.
+        file never stops the batch. ``metadata`` maps image ids (file names without suffix) to what a fusion
+        model is given; an image without an entry is predicted with age, sex and localization unknown.
         """
+        self.refuse_metadata_unless_fused(bool(metadata))
         size = batch_size or self.batch_size
         pending: list[tuple[Path, Image.Image]] = []
         for raw in paths:
@@ -242,15 +290,20 @@ class Predictor:
                 (on_error or _log_error)(path, error)
                 continue
             if len(pending) >= size:
-                yield from self._flush(pending)
+                yield from self._flush(pending, metadata)
                 pending = []
         if pending:
-            yield from self._flush(pending)
+            yield from self._flush(pending, metadata)
 
-    def _flush(self, pending: list[tuple[Path, Image.Image]]) -> Iterator[PathPrediction]:
-        result = self.predict_with_abstention([image for _, image in pending])
-        for (path, _), row, uncertain, reasons in zip(pending, result.probabilities, result.uncertain, result.reasons):
-            yield PathPrediction(path, row, bool(uncertain), tuple(reasons))
+    def _flush(
+        self, pending: list[tuple[Path, Image.Image]], metadata: Mapping[str, PatientMetadata] | None
+    ) -> Iterator[PathPrediction]:
+        rows = [metadata.get(path.stem) if metadata is not None else None for path, _ in pending]
+        result = self.predict_with_abstention([image for _, image in pending], rows if metadata is not None else None)
+        for (path, _), given, row, uncertain, reasons in zip(
+            pending, rows, result.probabilities, result.uncertain, result.reasons
+        ):
+            yield PathPrediction(path, row, bool(uncertain), tuple(reasons), given)
 
     # ------------------------------------------------------------------------------------------- explanation
 
@@ -314,13 +367,22 @@ def resolve_onnx_path(path: str | Path) -> Path:
 class OnnxPredictor(Predictor):
     """The same predictor on an ONNX export, run with onnxruntime on the CPU.
 
-    Preprocessing, classes, model id and temperature come from the model's ``metadata_props["dermlab"]``.
+    Preprocessing, classes, model id, the run's TTA views, temperature and abstention rule come from the model's
+    ``metadata_props["dermlab"]``; a metadata-fusion export has a second input, ``metadata``, fed here.
     Grad-CAM is not available (it needs the torch network's gradients).
     """
 
     engine = "onnx"
 
-    def __init__(self, path: str | Path, *, tta: bool | Sequence[str] = False, batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        tta: TtaSetting = None,
+        calibrated: bool = True,
+        abstain: bool = True,
+        batch_size: int = 32,
+    ) -> None:
         import onnxruntime
 
         self.path = Path(path)
@@ -334,21 +396,28 @@ class OnnxPredictor(Predictor):
             reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise CheckpointError(f"{self.path}: not a loadable ONNX model ({reason})") from None
         metadata = self._read_metadata()
-        self._input_name = self._session.get_inputs()[0].name
+        inputs = [item.name for item in self._session.get_inputs()]
+        self._input_name = inputs[0]
+        entry = metadata.get("metadata_input")
+        self._metadata_input = entry.get("name") if isinstance(entry, dict) else None
+        if self._metadata_input is not None and self._metadata_input not in inputs:
+            raise CheckpointError(f"{self.path}: the metadata names input {self._metadata_input!r}, the graph has {inputs}")
         try:
             preprocessing = Preprocessing.from_dict(metadata["preprocessing"])
             classes = [str(name) for name in metadata["classes"]]
             model_id = str(metadata.get("model_id") or self.path.stem)
         except (KeyError, TypeError, ValueError, ConfigError) as error:
             raise CheckpointError(f"{self.path}: damaged dermlab metadata ({error})") from None
+        behaviour = resolve_behaviour(
+            metadata.get("tta_views") or [], metadata, str(self.path), tta=tta, calibrated=calibrated, abstain=abstain
+        )
         self._setup(
             classes=classes,
             preprocessing=preprocessing,
             model_id=model_id,
-            temperature=_resolve_temperature(metadata.get("temperature"), str(self.path)),
-            tta=tta,
+            behaviour=behaviour,
             batch_size=batch_size,
-            abstention=_resolve_abstention(metadata.get("abstention"), str(self.path)),
+            takes_metadata=self._metadata_input is not None,
         )
 
     def _read_metadata(self) -> dict[str, Any]:
@@ -367,9 +436,11 @@ class OnnxPredictor(Predictor):
     def can_explain(self) -> bool:
         return False
 
-    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
-        (logits,) = self._session.run(None, {self._input_name: array})
+    def _logits(self, batch: torch.Tensor, metadata: torch.Tensor | None) -> torch.Tensor:
+        feeds = {self._input_name: np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)}
+        if self._metadata_input is not None and metadata is not None:
+            feeds[self._metadata_input] = np.ascontiguousarray(metadata.detach().cpu().numpy(), dtype=np.float32)
+        (logits,) = self._session.run(None, feeds)
         return torch.from_numpy(np.asarray(logits, dtype=np.float32))
 
     def explain(self, image: Image.Image, target: str | int | None = None, method: str = "gradcam") -> bytes:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dermlab.data.datamodule import ImageDataset, KeyedSampler, draw_seed
 from dermlab.io import atomic_save
+from dermlab.training.progress import step_progress
 
 __all__ = ["compute_features", "load_or_compute_features", "FeatureDataset", "ViewCyclingSampler"]
 
@@ -44,29 +46,38 @@ def compute_features(
 
     ``forward`` replaces ``model.forward_features`` (e.g. a frozen trunk returning maps, then the shape is
     ``(views, N, C, H, W)``); ``dtype`` is the storage type (float16 halves the memory of large maps).
-    ``description`` shows a progress bar with that label (off when ``DERMLAB_PROGRESS=0``).
+    ``description`` shows the progress of all views under that label (:func:`dermlab.training.progress.step_progress`:
+    one bar on a terminal, one line in a log file).
     """
     forward = forward or model.forward_features
     dataset = ImageDataset(frame, classes, transform)
     was_training = model.training
     model.eval().to(device)
     outputs = []
-    for view in range(views):
-        sampler = KeyedSampler(range(len(dataset)), seed=draw_seed(seed, 2, view))
-        sampler.set_epoch(0)
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
-        chunks = [forward(images.to(device)).to(dtype).cpu() for images, _ in _progress(loader, description, view, views)]
-        outputs.append(torch.cat(chunks) if chunks else torch.empty(0, model.num_features, dtype=dtype))
+    batches = -(-len(dataset) // batch_size)
+    label = f"{description} ({views} view{'s' if views != 1 else ''})" if description else ""
+    with _progress(label, views * batches) as progress:
+        for view in range(views):
+            sampler = KeyedSampler(range(len(dataset)), seed=draw_seed(seed, 2, view))
+            sampler.set_epoch(0)
+            loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
+            chunks = []
+            for images, _ in loader:
+                chunks.append(forward(images.to(device)).to(dtype).cpu())
+                progress.update(1)
+            outputs.append(torch.cat(chunks) if chunks else torch.empty(0, model.num_features, dtype=dtype))
     model.train(was_training)
     return torch.stack(outputs)
 
 
-def _progress(loader: DataLoader, description: str | None, view: int, views: int) -> Any:
-    if description is None or os.environ.get("DERMLAB_PROGRESS", "1") == "0":
-        return loader
-    from tqdm.auto import tqdm
-
-    return tqdm(loader, desc=f"{description} (view {view + 1}/{views})", unit="batch", leave=False)
+@contextmanager
+def _progress(description: str, total: int) -> Iterator[Any]:
+    """:func:`step_progress` when there is a description, else a counter that shows nothing."""
+    if not description:
+        yield SimpleNamespace(update=lambda count=1: None)
+        return
+    with step_progress(description, total) as progress:
+        yield progress
 
 
 def _cache_key(parts: dict[str, Any]) -> str:
