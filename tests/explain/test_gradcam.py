@@ -257,3 +257,49 @@ def test_overlay_cam() -> None:
         overlay_cam(image, cam, alpha=2.0)
     with pytest.raises(ConfigError, match="colormap"):
         overlay_cam(image, cam, colormap="not-a-map")
+
+
+# ------------------------------------------------------------------------------------------- a trained network
+def _planted(count: int, seed: int, quadrant: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """32 px noise; class 1 (every other image) adds a bright 8 px patch somewhere inside ``quadrant`` (row, col)."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = torch.arange(count) % 2
+    images = 0.5 * torch.randn(count, 3, 32, 32, generator=generator)
+    for index in range(count):
+        if targets[index] == 1:
+            top, left = (int(v) for v in torch.randint(0, 16 - 8 + 1, (2,), generator=generator))
+            top, left = top + 16 * quadrant[0], left + 16 * quadrant[1]
+            images[index, :, top : top + 8, left : left + 8] += 2.0
+    return images, targets
+
+
+def _trained_on_planted_evidence(steps: int = 12, quadrant: tuple[int, int] = (0, 0)) -> DermClassifier:
+    torch.manual_seed(0)
+    # output_stride 8: a 4x4 last map at 32 px, so each quadrant is 2x2 cells of the CAM
+    model = DermClassifier(timm.create_model("test_resnet", pretrained=False, num_classes=0, output_stride=8), 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+    for step in range(steps):
+        images, targets = _planted(16, seed=step, quadrant=quadrant)
+        loss = nn.functional.cross_entropy(model(images), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def test_gradcam_of_a_trained_network_peaks_where_the_evidence_is() -> None:
+    model = _trained_on_planted_evidence()
+    images, targets = _planted(16, seed=1000)  # held out
+    with torch.no_grad():
+        assert torch.equal(model(images).argmax(dim=1), targets)  # trained until it separates
+    patched = images[targets == 1]
+    with CamExplainer(model, method="gradcam") as cam:
+        maps = cam(patched, targets=[1] * len(patched))
+    for heat in maps:
+        assert heat.max() > 0.5  # a real peak (an all-zero map would "peak" at pixel (0, 0) too)
+        row, col = np.unravel_index(int(heat.argmax()), heat.shape)
+        assert row < 16 and col < 16, f"CAM peaks at {(row, col)}, outside the top-left quadrant"
+        top_left = heat[:16, :16].mean()
+        others = [heat[:16, 16:].mean(), heat[16:, :16].mean(), heat[16:, 16:].mean()]
+        assert top_left > 2 * max(others)

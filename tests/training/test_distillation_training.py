@@ -41,7 +41,7 @@ from dermlab.training.run import prepare_run_data, train_run
 # the module's self.log outside a Trainer only warns: these tests call its hooks directly
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 
-TINY = ["model.name=test_efficientnet", "model.input_size=[32,32]", "data.num_workers=0", "data.batch_size=8"]
+TINY = ["model.name=test_efficientnet", "model.weights=none", "model.input_size=[32,32]", "data.num_workers=0", "data.batch_size=8"]
 # unequal classes, so the count groups are clear: train counts about 9, 7 | 5, 4 | 3, 3
 SIZES = {"a": 15, "b": 12, "c": 8, "d": 7, "e": 5, "f": 5}
 
@@ -290,6 +290,57 @@ def test_expert_weights_fade_as_the_student_catches_up() -> None:
     assert [w for _, w in history] == pytest.approx(second)
 
 
+def _separable(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(count, 3, 2, 2)`` images whose first channel's pixel ``c`` lights up for class ``c`` (4 classes)."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = torch.arange(count) % 4
+    images = 0.8 * torch.randn(count, 3, 2, 2, generator=generator)  # noisy enough that accuracy rises gradually
+    images[:, 0].view(count, 4)[torch.arange(count), targets] += 3.0  # _Flatten reads channel 0's 4 pixels
+    return images, targets
+
+
+def test_expert_weights_fall_as_the_student_learns_in_training() -> None:
+    """A few real optimisation steps: the student catches up with two perfect experts, their weights fade."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    classes = ["a", "b", "c", "d"]
+    teachers = [_teacher("low", [0, 1], classes, 0), _teacher("high", [2, 3], classes, 1)]
+    for teacher in teachers:  # each expert reads its own classes' pixels: right on every image of its group
+        with torch.no_grad():
+            teacher.model.head.weight.copy_(2.0 * torch.eye(4)[teacher.columns])
+            teacher.model.head.bias.zero_()
+    distillation = _distillation(TeacherBank(teachers, PRE, 4), classes, "distill.alpha=0.3")
+    distillation.expert_accuracy = [1.0, 1.0]
+    torch.manual_seed(0)
+    student = DermClassifier(_Flatten(4), 4, drop_rate=0.0)
+    with torch.no_grad():  # starts by picking the dimmest pixel, wrong on almost every image: far behind the experts
+        student.head.weight.copy_(-0.3 * torch.eye(4))
+        student.head.bias.zero_()
+    module = DistillationModule(student, create_loss("cross_entropy", [1, 1, 1, 1]), classes, distillation=distillation,
+                                lr=0.05, scheduler="constant", weight_decay=0.0)
+    history: list[list[float]] = []
+
+    class _Weights(L.Callback):
+        def on_validation_end(self, trainer, pl_module) -> None:
+            history.append(list(pl_module.expert_weights))
+
+    trainer = L.Trainer(accelerator="cpu", max_epochs=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[_Weights()])
+    train = DataLoader(TensorDataset(*_separable(32, seed=0)), batch_size=8, shuffle=False)
+    val = DataLoader(TensorDataset(*_separable(32, seed=1)), batch_size=32)
+    trainer.validate(module, val, verbose=False)  # the student before training
+    trainer.fit(module, train, val)
+    start, end = history[0], history[-1]
+    assert start == [1.0, 1.0]  # at most alpha times the experts' accuracy: full weight
+    assert len(history) == 7 and all(e < s for s, e in zip(start, end))
+    assert max(end) < 0.3
+    assert any(0.0 < w < 1.0 for weights in history for w in weights)  # the linear fade, not just on / off
+    with torch.no_grad():
+        images, targets = _separable(32, seed=1)
+        assert float((student(images).argmax(1) == targets).float().mean()) > 0.8  # it did learn
+
+
 def test_expert_weights_are_saved_and_restored_with_the_checkpoint(tmp_path: Path) -> None:
     module = _student_module()
     module.expert_weights = [0.25, 0.75]
@@ -480,7 +531,7 @@ def test_kd_converts_inputs_for_a_teacher_of_another_size(ham_dir: Path, tmp_pat
 def test_distill_commands(skewed_dir: Path, tmp_path: Path) -> None:
     from dermlab.cli import main
 
-    settings = ["model.name=test_efficientnet", "model.input_size=[32,32]", "data.num_workers=0", "train.stage1_epochs=1",
+    settings = ["model.name=test_efficientnet", "model.weights=none", "model.input_size=[32,32]", "data.num_workers=0", "train.stage1_epochs=1",
                 "train.stage2_epochs=0", f"data.cache_dir={tmp_path / 'cache'}", "data.augmentation=none"]
     train_run(apply_overrides(Config(), [f"data.path={skewed_dir}", *settings]), tmp_path / "alone")
     common = [item for setting in settings for item in ("--set", setting)]
