@@ -35,6 +35,8 @@ __all__ = [
     "extra_trainer_callbacks",
     "set_threads",
     "QUICK_RECIPE",
+    "add_grid_arguments",
+    "resolve_grid",
     "run_grid",
     "quick_grid",
 ]
@@ -62,7 +64,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def set_threads(requested: int | None, workers: int = 0) -> int:
-    """Set torch's intra-op threads: ``requested``, else the usable cores minus the DataLoader workers (>= 1).
+    """Set torch's intra-op threads: ``requested``, else ``$OMP_NUM_THREADS``, else the usable cores minus the
+    DataLoader workers (>= 1).
 
     Leaving the workers their cores matters on small machines: with every core given to torch's OpenMP pool
     and workers on the same cores, the pool's threads spin waiting for descheduled peers (measured on 2 busy
@@ -71,7 +74,8 @@ def set_threads(requested: int | None, workers: int = 0) -> int:
     import torch
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = requested if requested else max(1, usable - workers)
+    from_environment = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)  # e.g. the smoke test's 1
+    threads = requested or from_environment or max(1, usable - workers)
     torch.set_num_threads(threads)
     return threads
 
@@ -293,10 +297,37 @@ def extra_trainer_callbacks(*callbacks: Any) -> Iterator[None]:
 
 #: What ``--quick`` sets on every run of a real-data grid: a tiny network, one epoch per stage, one cached view.
 QUICK_RECIPE: dict[str, Any] = {
-    "model.name": "test_efficientnet", "model.input_size": [32, 32], "model.weights": None,
+    "model.name": "test_efficientnet", "model.input_size": [32, 32], "model.weights": "none",
     "train.stage1_epochs": 1, "train.stage2_epochs": 1, "train.feature_views": 1, "train.unfreeze": "2",
     "train.stage2_cached_views": 1, "data.num_workers": 0, "data.cache_dir": None, "evaluation.tta": [],
 }
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser, grid: Path) -> None:
+    """The options of a real-data grid benchmark (``accuracy.py``, ``robustness.py``); ``grid``: the default grid."""
+    import tempfile
+
+    parser.add_argument("--data", help="dataset folder (HAM10000 layout); required without --quick")
+    parser.add_argument("--out", type=Path, default=Path("runs/ham10000"), help="runs folder (default runs/ham10000)")
+    parser.add_argument("--grid", type=Path, default=grid, help=f"the grid of runs (default {grid.name})")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="only these runs of the grid")
+    parser.add_argument("--quick", action="store_true", help="synthetic images, tiny model, seconds (CI smoke test)")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "dermlab-benchmarks")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help=f"folder for the JSON (default {RESULTS_DIR})")
+    parser.add_argument("--tag", help="suffix for the JSON's name")
+
+
+def resolve_grid(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    """The grid file to run. With ``--quick``: ``--data`` and ``--out`` become a synthetic dataset and a folder
+    under ``--work``, and the grid a copy with :data:`QUICK_RECIPE` on every run. Without it ``--data`` is required."""
+    grid_path = args.grid.resolve()
+    if args.quick:
+        args.data = str(synthetic_dataset(args.work, images=140, size=48))
+        args.out = args.work / f"quick-{grid_path.stem}"
+        return quick_grid(grid_path, args.work, QUICK_RECIPE)
+    if not args.data:
+        parser.error("--data is required (or --quick)")
+    return grid_path
 
 
 def run_grid(grid_path: Path, data: str, out: Path, only: Sequence[str] | None = None) -> list[str]:

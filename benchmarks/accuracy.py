@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import QUICK_RECIPE, RESULTS_DIR, print_table, quick_grid, run_grid, synthetic_dataset, write_results  # noqa: E402
+from _common import add_grid_arguments, print_table, resolve_grid, run_grid, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"accuracy": 0.85, "balanced_accuracy": 0.75, "auc_macro": 0.95, "mel_sensitivity_at_80_spec": 0.80}
@@ -32,22 +31,9 @@ TARGETS = {"accuracy": 0.85, "balanced_accuracy": 0.75, "auc_macro": 0.95, "mel_
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", help="dataset folder (HAM10000 layout); required without --quick")
-    parser.add_argument("--out", type=Path, default=Path("runs/ham10000"), help="runs folder (default runs/ham10000)")
-    parser.add_argument("--grid", type=Path, default=ROOT / "configs" / "grids" / "accuracy.yaml")
-    parser.add_argument("--only", nargs="+", metavar="NAME", help="train only these runs of the grid")
-    parser.add_argument("--quick", action="store_true", help="synthetic images, tiny model, seconds (CI smoke test)")
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "dermlab-benchmarks")
-    parser.add_argument("--results", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--tag", help="suffix for the JSON's name")
+    add_grid_arguments(parser, ROOT / "configs" / "grids" / "accuracy.yaml")
     args = parser.parse_args()
-    grid_path = args.grid.resolve()
-    if args.quick:
-        args.data = str(synthetic_dataset(args.work, images=140, size=48))
-        args.out = args.work / f"quick-{grid_path.stem}"
-        grid_path = quick_grid(grid_path, args.work, QUICK_RECIPE)
-    elif not args.data:
-        parser.error("--data is required (or --quick)")
+    grid_path = resolve_grid(parser, args)
     names = run_grid(grid_path, args.data, args.out, args.only)
     rows = [_row(args.out / name) for name in names]
     counts = _class_counts(args.out, args.data)

@@ -1,6 +1,7 @@
 """Calibration, test-time augmentation, abstention (and optionally metadata fusion) of a trained run, on its split.
 
     nice -n 10 .venv/bin/python benchmarks/calibration_abstention.py /work/runs/ham-lite0-ce [--fusion]
+    .venv/bin/python benchmarks/calibration_abstention.py --quick [--fusion --fusion-seeds 1]   # seconds
 
 Reads the run folder and its dataset; never writes into the run. Everything fitted here (temperature, thresholds,
 fusion heads) is fitted on the run's val split and reported on its test split:
@@ -14,14 +15,20 @@ fusion heads) is fitted on the run's val split and reported on its test split:
    localization, three seeds each.
 
 Writes ``benchmarks/results/calibration_abstention.json``, the test reliability diagram
-``benchmarks/results/calibration_reliability_test.png``, and the results section of ``docs/calibration.md``.
+``benchmarks/results/calibration_reliability_test.png``, and the results section of ``docs/calibration.md``
+(``--fusion-only``: ``benchmarks/results/calibration_abstention_fusion.json``, read by a later run without
+``--fusion``). ``--quick`` without a run folder first trains a tiny run on synthetic images under ``--work``
+(reused when it is there), scores 64 images per split and writes ``calibration_abstention-quick.json`` and
+``calibration_reliability_test-quick.png``, never the doc.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +37,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, print_table, quiet_libraries, write_results  # noqa: E402
+from _common import QUICK_RECIPE, RESULTS_DIR, print_table, quiet_libraries, synthetic_dataset, write_results  # noqa: E402
 
 from dermlab.evaluation.abstention import compute_scores, fit_abstention, synthetic_non_lesion_images  # noqa: E402
 from dermlab.evaluation.calibration import reliability_bins  # noqa: E402
@@ -52,7 +59,10 @@ RULES = {
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=Path, help="a trained run folder (checkpoints/best.ckpt, splits.csv, config.yaml)")
+    parser.add_argument(
+        "run", type=Path, nargs="?",
+        help="a trained run folder (checkpoints/best.ckpt, splits.csv, config.yaml); with --quick, default a tiny one",
+    )
     parser.add_argument("--tta", default="flips", help="TTA views to compare with no TTA (default flips)")
     parser.add_argument("--false-rejection", type=float, default=0.05, help="target share of val lesions rejected")
     parser.add_argument("--fusion", action="store_true", help="also compare metadata fusion with image-only")
@@ -62,10 +72,18 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="64 images per split, for a smoke test")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "dermlab-benchmarks",
+                        help="where --quick keeps its synthetic images, tiny run and logit cache")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--tag", help="suffix for the JSON's name")
     parser.add_argument("--doc", type=Path, default=DOC, help="markdown file whose results section is replaced")
     args = parser.parse_args()
     quiet_libraries()
+    if args.quick and args.run is None:
+        args.run = _quick_run(args.work)
+        args.cache = args.work / "calibration-cache"
+    elif args.run is None:
+        parser.error("the run folder is required (or --quick)")
     torch.manual_seed(0)
 
     from dermlab.training.run import prepare_run_data
@@ -105,13 +123,25 @@ def main() -> int:
     if args.fusion:
         payload["fusion"] = _fusion(args, loaded, splits, labels, classes)
     elif (Path(args.results) / "calibration_abstention_fusion.json").is_file():  # from an earlier --fusion-only
-        import json
-
         payload["fusion"] = json.loads((Path(args.results) / "calibration_abstention_fusion.json").read_text())["fusion"]
-    write_results("calibration_abstention", args, payload)
+    results_file = write_results("calibration_abstention", args, payload)
     if not args.quick:
-        _write_doc(args.doc, payload, args)
+        _write_doc(args.doc, payload, args, results_file)
     return 0
+
+
+def _quick_run(work: Path) -> Path:
+    """A tiny trained run on synthetic images (``QUICK_RECIPE``) under ``work``; reused when it is finished."""
+    from dermlab.config import Config, apply_overrides
+    from dermlab.training.run import train_run
+
+    run = work / "quick-calibration-run"
+    if not (run / "checkpoints" / "best.ckpt").is_file():
+        data = synthetic_dataset(work, images=140, size=48)
+        overrides = [f"data.path={data}", *(f"{key}={json.dumps(value)}" for key, value in QUICK_RECIPE.items())]
+        print(f"training a tiny run into {run} ...", flush=True)
+        train_run(apply_overrides(Config(), overrides), run, resume=(run / "config.yaml").is_file())
+    return run
 
 
 # ----------------------------------------------------------------------------------------------------- logits
@@ -361,10 +391,17 @@ def _score(model, pooled: torch.Tensor, metadata: torch.Tensor | None, y: np.nda
 # ------------------------------------------------------------------------------------------------------ doc
 
 
-def _write_doc(path: Path, payload: dict[str, Any], args: argparse.Namespace) -> None:
+def _write_doc(path: Path, payload: dict[str, Any], args: argparse.Namespace, results_file: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+
+    def shown(file: Path) -> Path:
+        file = Path(file).resolve()
+        return file.relative_to(root) if file.is_relative_to(root) else file
+
     lines = [START, "", f"Measured with `nice -n 10 .venv/bin/python benchmarks/calibration_abstention.py {args.run}"
              f"{' --fusion' if args.fusion else ''}` (fusion: `--fusion` or an earlier `--fusion-only`) on run `{Path(args.run).name}` "
-             f"({payload['n']['val']} val and {payload['n']['test']} test images; everything fitted on val).", ""]
+             f"({payload['n']['val']} val and {payload['n']['test']} test images; everything fitted on val); "
+             f"results file `{shown(results_file)}`.", ""]
     lines += ["### Temperature scaling", "", "| setting | T | split | ECE before | ECE after | NLL before | NLL after | balanced accuracy |",
               "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, entry in payload["calibration"].items():
@@ -372,10 +409,7 @@ def _write_doc(path: Path, payload: dict[str, Any], args: argparse.Namespace) ->
             e = entry[split]
             lines.append(f"| {name} | {entry['temperature']:.3f} | {split} | {e['ece_before']:.4f} | {e['ece_after']:.4f} | "
                          f"{e['nll_before']:.4f} | {e['nll_after']:.4f} | {e['balanced_accuracy']:.4f} |")
-    figure = Path(payload["reliability_figure"]).resolve()
-    root = Path(__file__).resolve().parents[1]
-    shown = figure.relative_to(root) if figure.is_relative_to(root) else figure
-    lines += ["", f"Reliability diagram (test, before and after): `{shown}`.", ""]
+    lines += ["", f"Reliability diagram (test, before and after): `{shown(payload['reliability_figure'])}`.", ""]
     abstention = payload["abstention"]
     kinds = list(abstention["non_lesion_counts"])
     lines += [f"### Abstention at {args.false_rejection:.0%} false rejection (thresholds set on val)", "",

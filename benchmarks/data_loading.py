@@ -9,7 +9,15 @@ EXIF, RGB) or from :mod:`dermlab.data.cache` (decoded and resized once into a me
 - ``DataLoader``: batches from ``--workers`` worker processes, as training reads them.
 
 The cache's one-off build (decode + resize of every image) and its warm open (hash the files, read the index)
-are timed too. Default data: 600x450 synthetic JPEGs (HAM10000's full resolution) at a 224x224 input.
+are timed too. Two more sections:
+
+- ``augmentation profile``: each step of the ``derm`` training transform timed on its own (one thread, on the
+  cached images, seeded per image): milliseconds per image and share of the whole transform;
+- ``cache margin``: eval tensors from a cache stored with ``--margin`` (1 + margin times the input size, so a
+  second resampling) against those from the files: max and mean absolute difference in normalised units
+  (and the same for the margin-0 cache, which must be 0.0).
+
+Default data: 600x450 synthetic JPEGs (HAM10000's full resolution) at a 224x224 input.
 
     python benchmarks/data_loading.py            # about 2 minutes (plus ~35 s once to generate the images)
     python benchmarks/data_loading.py --quick    # seconds
@@ -71,6 +79,51 @@ def time_loader(dataset, batch_size: int, workers: int, passes: int) -> float:
     return _rate(count, seconds)
 
 
+def profile_transform(transform, images: list, passes: int) -> dict[str, dict[str, float]]:
+    """Milliseconds per image of each step of ``transform`` (a ``Compose``), on one thread, seeded per image."""
+    import torch
+
+    steps = list(transform.transforms)
+    names = [type(step).__name__ for step in steps]
+    names = [f"{name} ({i})" if names.count(name) > 1 else name for i, name in enumerate(names)]
+    seconds = [0.0] * len(steps)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for repeat in range(passes + 1):  # the first pass is a warm-up
+            for index, image in enumerate(images):
+                torch.manual_seed(1000 * repeat + index)
+                value = image
+                for position, step in enumerate(steps):
+                    started = time.perf_counter()
+                    value = step(value)
+                    if repeat:
+                        seconds[position] += time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+    total = sum(seconds)
+    count = len(images) * passes
+    return {name: {"ms_per_image": round(1000 * s / count, 4), "share": round(s / total, 4)} for name, s in zip(names, seconds)}
+
+
+def margin_error(frame, classes, transform, cache_dir: Path, paths: list[str], input_size, margin: float) -> dict[str, float]:
+    """Max and mean absolute difference of eval tensors from a ``margin`` cache and from the files."""
+    from dermlab.data.cache import build_image_cache
+    from dermlab.data.datamodule import ImageDataset
+
+    cache = build_image_cache(paths, cache_dir, input_size, margin=margin, progress=False)
+    from_files = ImageDataset(frame, classes, transform)
+    from_cache = ImageDataset(frame, classes, transform, image_loader=cache)
+    differences = [(from_files[i][0] - from_cache[i][0]).abs() for i in range(len(frame))]
+    return {
+        "margin": margin,
+        "stored_size": list(cache.size),
+        "max_abs": round(max(float(d.max()) for d in differences), 5),
+        "mean_abs": round(sum(float(d.mean()) for d in differences) / len(differences), 5),
+        "images": len(differences),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
@@ -80,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
     parser.add_argument("--passes", type=int, default=2, help="timed passes over the images (default 2)")
+    parser.add_argument("--margin", type=float, default=0.25, help="the cache margin whose error is measured (default 0.25)")
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.image_size, args.size, args.passes, args.workers = 40, 96, 64, 1, 1
@@ -138,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
                 figures[key] = time_loader(dataset, args.batch_size, args.workers, args.passes)
                 print(f"  DataLoader ({args.workers} workers), {name} transform from {source}: {figures[key]} images/s", flush=True)
         store_mib = cache.store.stat().st_size / 2**20
+        profile = profile_transform(train_transform, [cache.read(path) for path in paths], args.passes)
+        margins = {
+            f"margin_{margin:g}": margin_error(frame, classes, eval_transform, cache_dir, paths, preprocessing.input_size, margin)
+            for margin in (0.0, args.margin)
+        }
 
     ratios = {
         "decode_cache_vs_jpeg": round(figures["decode_only_cache"] / figures["decode_only_jpeg"], 2),
@@ -161,6 +220,16 @@ def main(argv: list[str] | None = None) -> int:
         f"\ncache: built in {build_s:.2f} s ({figures['cache_build_images_per_s']} images/s, once), "
         f"opened warm in {open_s:.3f} s (hashing {len(paths)} files), {store_mib:.1f} MiB on disk"
     )
+    print_table(
+        f"derm augmentation profile at {args.size}x{args.size}, 1 thread (from cached images)",
+        [(name, entry["ms_per_image"], f"{100 * entry['share']:.1f}%") for name, entry in profile.items()],
+        ["step", "ms/image", "share"],
+    )
+    print_table(
+        "eval tensors from the cache against the files (normalised units)",
+        [(f"margin {m['margin']:g}", "x".join(map(str, m["stored_size"])), m["max_abs"], m["mean_abs"], m["images"]) for m in margins.values()],
+        ["cache", "stored size", "max abs difference", "mean abs difference", "images"],
+    )
     write_results(
         "data_loading",
         args,
@@ -170,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             "cache_build_s": round(build_s, 3),
             "cache_open_warm_s": round(open_s, 4),
             "cache_mib": round(store_mib, 2),
+            "augmentation_profile": profile,
+            "cache_margin_error": margins,
             "images": len(paths),
             "data": str(data_path),
         },

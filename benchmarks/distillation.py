@@ -4,10 +4,13 @@ CPU-sized: every run trains only the head on the frozen, packaged EfficientNet-L
 features, shared by the experts and all students), so the test set is scored from one set of cached test
 features as well (exact: the script checks each run's backbone is the frozen one). Prints a markdown table of
 test F1 for df, vasc and akiec, macro F1 and balanced accuracy, with paired-bootstrap 95% intervals of each
-variant's difference from the student alone, and writes ``OUT/results.json``.
+variant's difference from the student alone, and writes ``OUT/results.json`` and
+``benchmarks/results/distillation.json`` (``--results``). ``--quick``: the same on synthetic images with timm's
+tiny test network, one stage-1 epoch per run and 20 bootstrap rounds (seconds to a minute).
 
     nice -n 10 .venv/bin/python benchmarks/distillation.py --data ../shared/data/HAM10000 \\
         --base /work/runs/ham_lite0.yaml --splits /work/runs/ham-lite0-ce/splits.csv --out /work/runs/distill
+    .venv/bin/python benchmarks/distillation.py --quick
 """
 
 from __future__ import annotations
@@ -15,11 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import QUICK_RECIPE, RESULTS_DIR, print_table, quiet_libraries, synthetic_dataset, write_results  # noqa: E402
 
 from dermlab.config import Config, apply_overrides, load_config
 from dermlab.data.transforms import create_transform
@@ -98,17 +106,26 @@ def _bootstrap(y_true: np.ndarray, base: np.ndarray, other: np.ndarray, classes:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--data", help="dataset folder; required without --quick")
     parser.add_argument("--base", help="the student's recipe (YAML); stage 2 is switched off")
-    parser.add_argument("--splits", required=True, help="a splits.csv (one lesion-disjoint split for every run)")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--splits", help="a splits.csv (one lesion-disjoint split for every run); required without --quick")
+    parser.add_argument("--out", type=Path, help="runs folder (experts, students, results.json); required without --quick")
     parser.add_argument("--only", nargs="+", help="train only these variants")
-    parser.add_argument("--bootstrap", type=int, default=500)
+    parser.add_argument("--bootstrap", type=int, default=500, help="paired-bootstrap resamples (default 500)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--test-features-only", action="store_true", help="only cache the test split's features")
+    parser.add_argument("--quick", action="store_true", help="synthetic images, tiny model, one epoch (CI smoke test)")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "dermlab-benchmarks")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help=f"folder for the JSON (default {RESULTS_DIR})")
+    parser.add_argument("--tag", help="suffix for the JSON's name")
     args = parser.parse_args()
     os.environ.setdefault("DERMLAB_PROGRESS", "0")
+    quiet_libraries()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    if args.quick:
+        _quick_setup(args)
+    elif not (args.data and args.splits and args.out):
+        parser.error("--data, --splits and --out are required (or --quick)")
     out = Path(args.out)
     base = load_config(args.base) if args.base else Config()
     base = apply_overrides(base, [f"data.path={args.data}", f"data.splits_file={args.splits}", "train.stage2_epochs=0", *args.overrides])
@@ -172,6 +189,7 @@ def main() -> None:
     summary = {"results": results, "experts": expert_test, "timings_s": {k: round(v, 1) for k, v in timings.items()},
                "test_images": len(test), "test_support": {c: int((test["label"] == c).sum()) for c in data.classes}}
     atomic_write_json(out / "results.json", summary)
+    print(f"wrote {out / 'results.json'}")
 
     for which in ("best", "last"):
         print(f"\ntest split, {which} checkpoint (bracket: 95% paired-bootstrap interval of the difference from alone)")
@@ -187,7 +205,27 @@ def main() -> None:
                     cell += f" [{interval[0]:+.3f}, {interval[1]:+.3f}]"
                 cells.append(cell)
             print(f"| {name} | " + " | ".join(cells) + " |")
-    print(json.dumps({"experts": expert_test, "timings_s": summary["timings_s"]}, indent=1))
+    print_table(
+        "experts (test accuracy within their group)",
+        [(name, ", ".join(entry["classes"]), entry["test_accuracy_within_group"]) for name, entry in expert_test.items()],
+        ["expert", "classes", "test accuracy"],
+    )
+    print_table("wall time (s)", list(summary["timings_s"].items()), ["step", "seconds"])
+    write_results("distillation", args, {**summary, "out": str(out)})
+
+
+def _quick_setup(args: argparse.Namespace) -> None:
+    """``--quick``: a synthetic dataset, its split, a tiny stage-1-only recipe and few bootstrap rounds, under --work."""
+    from dermlab.data.datasets import load_dataset
+    from dermlab.data.splits import create_splits, save_splits
+
+    args.data = str(synthetic_dataset(args.work, images=140, size=48))
+    args.out = args.work / "quick-distillation"
+    table = load_dataset(args.data)
+    args.splits = str(save_splits(table, create_splits(table, (0.6, 0.2, 0.2), seed=42), args.out / "split" / "splits.csv"))
+    recipe = {k: v for k, v in QUICK_RECIPE.items() if not k.startswith("train.stage2") and k != "train.unfreeze"}
+    args.overrides = [f"{key}={json.dumps(value)}" for key, value in recipe.items()] + args.overrides
+    args.bootstrap = min(args.bootstrap, 20)
 
 
 if __name__ == "__main__":

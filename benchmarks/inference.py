@@ -44,7 +44,7 @@ def make_run(root: Path, model_name: str, size: int) -> Path:
     from dermlab.serving.onnx_export import export_onnx
 
     torch.manual_seed(0)
-    config = Config(model=ModelConfig(name=model_name, input_size=[size, size]))
+    config = Config(model=ModelConfig(name=model_name, weights="none", input_size=[size, size]))
     model = create_model(config.model, len(CLASSES))
     save_checkpoint(root / "checkpoints" / "best.ckpt", model, config, CLASSES, resolve_preprocessing(model, config.model))
     export_onnx(load_checkpoint(root), root / "export" / "model.onnx")

@@ -75,7 +75,7 @@ def run_stage1(args, data_path: Path, run_dir: Path, cached: bool, cache_dir: Pa
             feature_seconds[0] += time.perf_counter() - started
 
     overrides = [
-        f"data.path={data_path}", f"model.name={args.model}", f"model.input_size=[{args.size},{args.size}]",
+        f"data.path={data_path}", f"model.name={args.model}", "model.weights=none", f"model.input_size=[{args.size},{args.size}]",
         f"data.batch_size={args.batch_size}", f"data.eval_batch_size={args.batch_size}",
         f"data.num_workers={args.workers}", f"data.augmentation={args.augmentation}",
         f"train.stage1_epochs={args.epochs}", "train.stage2_epochs=0", f"train.cached_features={str(cached).lower()}",

@@ -211,7 +211,7 @@ def run_dermlab(args, data_path: Path, run_dir: Path, cache_dir: Path | None) ->
             meter.batch_end(len(batch[1]))
 
     overrides = [
-        f"data.path={data_path}", f"model.name={args.model}", f"model.input_size=[{args.size},{args.size}]",
+        f"data.path={data_path}", f"model.name={args.model}", "model.weights=none", f"model.input_size=[{args.size},{args.size}]",
         f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}", "data.split_ratios=[0.8,0.1,0.1]",
         f"data.augmentation={args.augmentation}", "train.stage1_epochs=0", f"train.stage2_epochs={args.epochs}",
         "train.stage2_lr=0.0001", "train.unfreeze=all", f"train.precision={args.precision}",
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     data_path, table = dataset_table(args, args.images, args.image_size)
     splits = create_splits(table, ratios=(0.8, 0.1, 0.1), seed=42)  # what train_run makes with these settings
     train_frame = table.frame[splits.reindex(table.frame.index).to_numpy() == "train"].reset_index(drop=True)
-    model_config = ModelConfig(name=args.model, input_size=[args.size, args.size])
+    model_config = ModelConfig(name=args.model, weights="none", input_size=[args.size, args.size])
     preprocessing = resolve_preprocessing(create_model(model_config, len(table.classes)), model_config)
     transform = create_transform(args.augmentation, preprocessing, train=True)
     steps_per_epoch = len(train_frame) // args.batch_size or 1

@@ -1,7 +1,8 @@
 """Every benchmark runs with ``--quick`` in its own process, prints its figures and writes its JSON.
 
-They run side by side (most of their time is interpreter start-up and servers starting), into a
-temporary results folder, so the real figures in ``benchmarks/results/`` are never touched.
+They run two at a time, each with one torch thread (more torch processes than cores, each with a thread per
+core, slow each other many times over), into a temporary results folder, so the real figures in
+``benchmarks/results/`` are never touched.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,37 +20,47 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = {
     "train_throughput": ["images_per_s", "ratios"],
     "stage1_cache": ["runs", "ratios"],
-    "data_loading": ["images_per_s", "ratios"],
+    "stage2_trunk": ["runs", "ratios", "trunk_share"],
+    "data_loading": ["images_per_s", "ratios", "augmentation_profile", "cache_margin_error"],
     "inference": ["results", "ratios"],
     "service": ["results", "ratios"],
     "accuracy": ["runs", "class_counts"],
     "robustness": ["runs", "reports", "tables"],
+    "distillation": ["results", "experts", "timings_s"],
+    "calibration_abstention": ["calibration", "abstention", "fusion"],
+    "bootstrap": ["figures"],
+    "duplicates": ["speed", "lesions", "copies"],
 }
 # the real-data grids train several runs each: two per grid cover their code paths in less time
-EXTRA_ARGS = {"accuracy": ["--only", "default", "reference_a"], "robustness": ["--only", "default", "color_constancy"]}
+EXTRA_ARGS = {
+    "accuracy": ["--only", "default", "reference_a"],
+    "robustness": ["--only", "default", "color_constancy"],
+    "calibration_abstention": ["--fusion", "--fusion-seeds", "1"],
+    # a server may need minutes to import and load beside another benchmark on a small machine
+    "service": ["--start-timeout", "400"],
+}
+
+
+def _run_quick(name: str, tmp_path: Path) -> tuple[int, str]:
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick",
+        "--results", str(tmp_path / "results"), *EXTRA_ARGS.get(name, []),
+    ]
+    if name != "bootstrap":  # the only one without synthetic datasets to keep
+        command += ["--work", str(tmp_path / "work" / name)]
+    env = {**os.environ, "DERMLAB_PROGRESS": "0", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    return result.returncode, result.stdout
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # a dozen benchmarks, two at a time: several minutes on a 2-core machine
 def test_every_benchmark_runs_quick_and_writes_its_json(tmp_path: Path) -> None:
-    env = {**os.environ, "DERMLAB_PROGRESS": "0", "PYTHONWARNINGS": "ignore"}
-    processes = {}
-    for name in BENCHMARKS:
-        command = [
-            sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick",
-            "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work"), *EXTRA_ARGS.get(name, []),
-        ]
-        processes[name] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    outputs = {}
-    try:
-        for name, process in processes.items():
-            outputs[name], _ = process.communicate(timeout=600)
-    finally:
-        for process in processes.values():
-            if process.poll() is None:
-                process.kill()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        finished = dict(zip(BENCHMARKS, pool.map(lambda name: _run_quick(name, tmp_path), BENCHMARKS)))
     for name, keys in BENCHMARKS.items():
-        output = outputs[name]
-        assert processes[name].returncode == 0, f"{name} failed:\n{output[-3000:]}"
+        returncode, output = finished[name]
+        assert returncode == 0, f"{name} failed:\n{output[-3000:]}"
         assert "-----" in output and "wrote" in output, f"{name} printed no table of figures:\n{output[-2000:]}"
         result = json.loads((tmp_path / "results" / f"{name}-quick.json").read_text())
         assert result["benchmark"] == name and result["settings"]["quick"] is True
@@ -68,6 +80,21 @@ def test_every_benchmark_runs_quick_and_writes_its_json(tmp_path: Path) -> None:
     }
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["wall_min"] >= 0 for r in accuracy["runs"])
     assert sum(accuracy["class_counts"]["nv"].values()) > 0
+    trunk = json.loads((tmp_path / "results" / "stage2_trunk-quick.json").read_text())
+    assert trunk["runs"]["cached_trunk"]["maps_mib"] > 0 and trunk["runs"]["cached_trunk"]["caching_passes_per_s"] > 0
+    assert all(run["train_images_per_s"] > 0 for run in trunk["runs"].values())
+    loading = json.loads((tmp_path / "results" / "data_loading-quick.json").read_text())
+    assert loading["cache_margin_error"]["margin_0"]["max_abs"] == 0.0  # the margin-0 cache is exact
+    assert loading["cache_margin_error"]["margin_0.25"]["max_abs"] > 0.0
+    assert abs(sum(step["share"] for step in loading["augmentation_profile"].values()) - 1.0) < 0.01
+    distillation = json.loads((tmp_path / "results" / "distillation-quick.json").read_text())
+    assert set(distillation["results"]) == {
+        "alone", "alone + balanced subset", "LFME", "LFME + instance curriculum", "LFME + balanced subset", "LFME, KL on own images"
+    }
+    assert all("delta_ci95" in r["best"] for name, r in distillation["results"].items() if name != "alone")
+    calibration = json.loads((tmp_path / "results" / "calibration_abstention-quick.json").read_text())
+    assert calibration["calibration"]["no TTA"]["temperature"] > 0
+    assert (tmp_path / "results" / "calibration_reliability_test-quick.png").is_file()
     robustness = json.loads((tmp_path / "results" / "robustness-quick.json").read_text())
     conditions = [row[0] for row in robustness["tables"]["accuracy"]]
     assert conditions[0] == "clean" and len(conditions) == 9 and conditions[-1] == "mean of corruptions"
