@@ -121,10 +121,11 @@ def _print_copies(console: Any, table: Any, config: DataConfig, csv_path: str | 
     from pathlib import Path
 
     from dermlab.data.duplicates import compute_image_hashes, copy_group_table, group_copies
+    from dermlab.training.progress import show_bars
     from dermlab.io import atomic_write_text
 
     frame = table.frame
-    hashes = compute_image_hashes(frame["path"], config.cache_dir, workers=2)
+    hashes = compute_image_hashes(frame["path"], config.cache_dir, workers=2, progress=show_bars())
     copies = group_copies(
         frame, hashes, config.duplicates, config.near_copy_threshold, config.near_copy_color_tolerance
     )

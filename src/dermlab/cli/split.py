@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dermlab.data.datasets import load_dataset
     from dermlab.data.duplicates import duplicates_cache_dir, record_excluded_copies, resolve_copies
+    from dermlab.training.progress import show_bars
     from dermlab.data.splits import SPLITS_FILE, create_splits, save_splits, split_count_table
 
     config = DataConfig(
@@ -62,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
         duplicates=args.copies, keep_test_copies=args.keep_test_copies, cache_dir=args.cache_dir,
     )
     table = load_dataset(args.data, config)  # decodes every image when --skip-bad
-    copies = resolve_copies(table, config, cache_dir=duplicates_cache_dir(config, args.out), workers=config.num_workers)
+    copies = resolve_copies(
+        table, config, cache_dir=duplicates_cache_dir(config, args.out), workers=config.num_workers, progress=show_bars()
+    )
     table = copies.table
     splits = create_splits(table, config.split_ratios, seed=config.split_seed)
     path = save_splits(table, splits, Path(args.out) / SPLITS_FILE)

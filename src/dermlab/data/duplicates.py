@@ -153,15 +153,16 @@ def compute_image_hashes(
     cache_dir: str | Path | None = None,
     *,
     workers: int = 0,
-    progress: bool | None = None,
+    progress: bool = False,
 ) -> ImageHashes:
     """Pixel digests, dihedral pHashes and colour thumbnails of ``paths``, from ``cache_dir/duplicates`` where
     already there (``cache_dir=None``: computed, not stored).
 
     ``workers`` processes decode when there are at least 1,000 images to decode on Linux (else this process
     does);
-    ``progress`` shows a bar (default: for large datasets, unless the environment sets
-    ``DERMLAB_PROGRESS=0``). An unreadable image raises :class:`~dermlab.errors.DataError` naming it.
+    ``progress`` shows a bar for large datasets (the caller decides: commands pass
+    ``dermlab.training.progress.show_bars()``, so a log file gets no bar). An unreadable image raises
+    :class:`~dermlab.errors.DataError` naming it.
     """
     paths = [str(p) for p in paths]
     workers = max(1, int(workers))
@@ -289,7 +290,7 @@ def _hash_file(path: str) -> tuple[str, np.ndarray, np.ndarray]:
     return _thumbnails(read_image(path))
 
 
-def _hash_files(paths: Sequence[str], workers: int, progress: bool | None) -> list[_Record]:
+def _hash_files(paths: Sequence[str], workers: int, progress: bool) -> list[_Record]:
     """Decode and thumbnail ``paths``: in ``workers`` forked processes for a large batch on Linux (as torch's
     DataLoader does), else in this process.
 
@@ -297,11 +298,7 @@ def _hash_files(paths: Sequence[str], workers: int, progress: bool | None) -> li
     two threads measured slower than one (828 vs 1,009 images/s on HAM10000; two processes 1,517). Not spawned
     processes: they re-import the caller's main module, which a script without a ``__main__`` guard breaks.
     """
-    show = (
-        progress
-        if progress is not None
-        else (len(paths) >= _PROGRESS_FROM and os.environ.get("DERMLAB_PROGRESS", "1") != "0")
-    )
+    show = bool(progress) and len(paths) >= _PROGRESS_FROM
     bar = None
     if show:
         from tqdm.auto import tqdm
@@ -600,7 +597,12 @@ def duplicates_cache_dir(config: DataConfig, run_dir: str | Path | None = None) 
 
 
 def resolve_copies(
-    table: DatasetTable, config: DataConfig, *, cache_dir: str | Path | None = None, workers: int = 0
+    table: DatasetTable,
+    config: DataConfig,
+    *,
+    cache_dir: str | Path | None = None,
+    workers: int = 0,
+    progress: bool = False,
 ) -> CopyResolution:
     """``table`` ready to split, as ``config`` says (``data.duplicates`` and the keys after it): copy groups
     merged into ``group``; copies of images of the dataset's own test (or val) folder dropped from the other
@@ -611,7 +613,7 @@ def resolve_copies(
     if mode == "none":
         return CopyResolution(table=table, copies=None, excluded=empty, mode=mode, threshold=threshold)
     frame = table.frame
-    hashes = compute_image_hashes(frame["path"], cache_dir, workers=workers)
+    hashes = compute_image_hashes(frame["path"], cache_dir, workers=workers, progress=progress)
     copies = group_copies(frame, hashes, mode, threshold, config.near_copy_color_tolerance)
     reasons: dict[int, tuple[str, str]] = {}  # frame index -> (reason, copy_of)
     if config.drop_conflicting_copies:

@@ -76,7 +76,11 @@ def prepare_run_data(config: Config, run_dir: Path) -> RunData:
     table = load_dataset(config.data.path, config.data)
     # copies (data.duplicates): merged into the split groups; test-folder copies and label conflicts left out
     copies = resolve_copies(
-        table, config.data, cache_dir=duplicates_cache_dir(config.data, run_dir), workers=config.data.num_workers
+        table,
+        config.data,
+        cache_dir=duplicates_cache_dir(config.data, run_dir),
+        workers=config.data.num_workers,
+        progress=show_bars(),
     )
     table = copies.table
     splits_path = run_dir / "splits.csv"
