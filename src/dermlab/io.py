@@ -1,4 +1,5 @@
-"""Atomic file writes: a kill never leaves a half-written file that a later command trusts."""
+"""Atomic file writes (a kill never leaves a half-written file that a later command trusts), and the checked
+read of the JSON objects they write."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save"]
+from dermlab.errors import DataError
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save", "read_json_object"]
 
 
 def atomic_save(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -47,3 +50,15 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object in ``path`` (e.g. a run's ``metrics.json``); anything else raises one ``DataError`` line."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -74,13 +74,9 @@ def _quiet_libraries(import_lightning: bool) -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def _one_line(error: BaseException) -> str:
-    """A DataLoader worker re-raises our error with its traceback folded into the message: keep the last line."""
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].startswith("Caught "):
-        last = lines[-1]
-        return last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last
-    return " ".join(lines) if lines else type(error).__name__
+def _message(error: DermlabError) -> str:
+    """The error's one line (``DermlabError`` escapes newlines and unfolds a DataLoader worker's traceback)."""
+    return str(error).strip() or type(error).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DermlabError as error:
         if args.verbose or os.environ.get("DERMLAB_TRACEBACK"):
             raise
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        print(f"error: {_message(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -10,7 +10,6 @@ labels; otherwise the comparison carries a one-line warning.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import pandas as pd
 
 from dermlab.errors import DataError
 from dermlab.evaluation.bootstrap import paired_bootstrap, sensitivity_key
-from dermlab.io import atomic_write_text
+from dermlab.io import atomic_write_text, read_json_object
 
 __all__ = [
     "COMPARISON_METRICS",
@@ -370,12 +369,7 @@ def _load_split(run_dir: Path, split: str) -> tuple[dict[str, Any], str]:
         raise DataError(f"{run_dir}: run folder not found")
     if not path.is_file():
         raise DataError(f"{run_dir}: no metrics.json (evaluate the run first)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    data = read_json_object(path)
     metrics = data.get(split)
     if not isinstance(metrics, dict):
         available = sorted(k for k, v in data.items() if isinstance(v, dict))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import yaml
 from dermlab.errors import DataError
 from dermlab.evaluation.bootstrap import sensitivity_key
 from dermlab.evaluation.metrics import SUMMARY_METRICS
-from dermlab.io import atomic_write_text
+from dermlab.io import atomic_write_text, read_json_object
 
 __all__ = ["render_report", "write_report"]
 
@@ -456,15 +455,7 @@ def _split_order(splits: pd.DataFrame) -> list[str]:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path) if path.is_file() else None
 
 
 def _read_config(path: Path) -> dict[str, Any] | None:
