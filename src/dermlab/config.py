@@ -184,6 +184,14 @@ class TrainConfig:
     stage2_cached_views: int = 0
     channels_last: bool = False
     compile: bool = False
+    # Stage 2: an exponential moving average of the weights is what is validated, checkpointed, exported and
+    # served (the raw weights stay in each checkpoint's "current_model_state"). Its half-life, as a share of the
+    # stage's optimiser steps, sizes the decay to the run: 0.1 of 1,000 steps = a half-life of 100 steps.
+    ema: bool = False
+    ema_half_life: float = 0.1
+    # layer-wise learning-rate decay in stage 2: each backbone stage below the top gets this factor once more
+    # (1.0 = one learning rate for the whole network)
+    layer_decay: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("stage1_epochs", "stage2_epochs", "warmup_epochs", "patience"):
@@ -204,6 +212,12 @@ class TrainConfig:
             raise ConfigError("train.stage1_epochs + train.stage2_epochs must be > 0")
         if self.unfreeze != "all" and not (self.unfreeze.isdigit() and int(self.unfreeze) > 0):
             raise ConfigError(f"train.unfreeze must be 'all' or a positive number of blocks, got {self.unfreeze!r}")
+        if not 0.0 < self.ema_half_life <= 1.0:
+            raise ConfigError(f"train.ema_half_life must be in (0, 1] (a share of the stage's steps), got {self.ema_half_life}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"train.layer_decay must be in (0, 1] (1 = off), got {self.layer_decay}")
+        if self.ema and self.stage2_cached_views > 0:
+            raise ConfigError("train.ema averages the whole network's weights in stage 2 on images; set train.stage2_cached_views to 0")
 
 
 @dataclass
@@ -216,6 +230,13 @@ class EvaluationConfig:
     ece_bins: int = 15
     calibrate: bool = True  # fit a temperature on the val split after training (stored in the best checkpoint)
     tta: list[str] = field(default_factory=list)  # test-time augmentation views for evaluation; [] = off
+    # candidate TTA view sets (each a view or preset name, or a comma list), scored on val after training: the
+    # one with the lowest val log-loss becomes the run's views (stored in the checkpoint); [] = evaluation.tta
+    tta_candidates: list[str] = field(default_factory=list)
+    # post-hoc logit adjustment: tau (fitted on val to maximise balanced accuracy) gives a second decision rule,
+    # argmax of log p - tau * log(train class prior); decision_rule picks the one predictions use by default
+    logit_adjustment: bool = True
+    decision_rule: Literal["argmax", "balanced"] = "argmax"
     abstain_false_rejection: float = 0.05  # share of val lesions the abstention rule may reject; 0 = no rule
     abstain_scores: list[str] = field(default_factory=lambda: ["max_probability", "energy"])
     # 95% intervals of the headline metrics from this many bootstrap resamples of lesions; 0 = no intervals
@@ -229,6 +250,8 @@ class EvaluationConfig:
             raise ConfigError(
                 f"evaluation.abstain_false_rejection must be in [0, 1), got {self.abstain_false_rejection}"
             )
+        if self.decision_rule == "balanced" and not self.logit_adjustment:
+            raise ConfigError("evaluation.decision_rule=balanced needs evaluation.logit_adjustment (it fits the rule's tau)")
         if self.abstain_false_rejection > 0 and not self.abstain_scores:
             raise ConfigError("evaluation.abstain_scores needs at least one score when abstention is on")
 

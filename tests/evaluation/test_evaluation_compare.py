@@ -210,3 +210,23 @@ def test_cli_compare_prints_intervals_and_marks(tmp_path: Path, capsys: pytest.C
     assert bool(table.loc["strong", "accuracy_significant"]) and not bool(
         table.loc["weak", "accuracy_significant"]
     )
+
+
+def test_the_balanced_rule_is_compared_beside_the_argmax_rule(tmp_path: Path) -> None:
+    plain = _run(tmp_path, "plain", 0.8)
+    adjusted = _run(tmp_path, "adjusted", 0.85)
+    data = json.loads((adjusted / "metrics.json").read_text())
+    data["test"]["decision_rule"] = "argmax"
+    data["test"]["rules"] = {
+        "argmax": {"tau": 0.0, "accuracy": 0.85, "balanced_accuracy": 0.6, "f1_macro": 0.6},
+        "balanced": {"tau": 0.9, "accuracy": 0.8, "balanced_accuracy": 0.72, "f1_macro": 0.65,
+                     "intervals": {"balanced_accuracy": [0.66, 0.78]}},
+    }
+    (adjusted / "metrics.json").write_text(json.dumps(data))
+    comparison = compare_with_intervals([plain, adjusted], resamples=0)
+    values = comparison.values
+    assert values.loc["adjusted", "balanced_rule_balanced_accuracy"] == pytest.approx(0.72)
+    assert values.loc["adjusted", "balanced_rule_accuracy"] == pytest.approx(0.8)
+    assert math.isnan(values.loc["plain", "balanced_rule_balanced_accuracy"])  # that run has no such rule
+    assert comparison.low.loc["adjusted", "balanced_rule_balanced_accuracy"] == pytest.approx(0.66)
+    assert list(compare_runs([plain]).columns) == list(COMPARISON_METRICS)  # no rule anywhere: no extra columns

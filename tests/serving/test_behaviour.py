@@ -126,3 +126,38 @@ def test_predict_serve_and_evaluate_give_the_same_probabilities(make_fusion_run,
     assert list(evaluated.loc[ids, "predicted"]) == list(predicted.loc[ids, "predicted"])
     uncertain = evaluated.loc[ids, "uncertain"].astype(bool).tolist()
     assert uncertain == predicted.loc[ids, "uncertain"].astype(bool).tolist() == served_frame.loc[ids, "uncertain"].tolist()
+
+
+def test_predict_and_serve_name_their_decision_rule_and_give_both(make_fusion_run, tmp_path, images, capsys) -> None:
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from dermlab.evaluation.decision import DecisionRule, adjust_probabilities
+    from dermlab.serving.app import create_app
+
+    rule = DecisionRule(2.0, (0.02, 0.08, 0.90))  # the untrained model leans to bkl: call it the frequent class
+    run = make_fusion_run(tmp_path / "run", Config(model=FUSION), decision=rule.to_dict())
+    batch = [images.sample(seed=i) for i in range(12)]
+    paths = []
+    for i, image in enumerate(batch):
+        paths.append(tmp_path / f"x{i}.png")
+        image.save(paths[-1])
+    probabilities = Predictor.from_path(run).predict_images(batch)
+    balanced = [["nv", "mel", "bkl"][i] for i in adjust_probabilities(probabilities, 2.0, rule.prior).argmax(axis=1)]
+    argmax = [["nv", "mel", "bkl"][i] for i in probabilities.argmax(axis=1)]
+    assert balanced != argmax  # the case distinguishes the rules
+
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run), *map(str, paths), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "decision rule argmax (balanced rule: tau 2)" in captured.err and "column predicted: argmax rule" in captured.out
+    table = pd.read_csv(out)
+    assert list(table["predicted"]) == argmax == list(table["predicted_argmax"]) and list(table["predicted_balanced"]) == balanced
+    assert main(["predict", str(run), *map(str, paths), "--out", str(out), "--rule", "balanced"]) == 0
+    assert list(pd.read_csv(out)["predicted"]) == balanced
+
+    client = TestClient(create_app(Predictor.from_path(run, rule="balanced")))
+    for path, expected_argmax, expected_balanced in zip(paths, argmax, balanced):
+        body = client.post("/predict", files={"file": (path.name, path.read_bytes(), "image/png")}).json()
+        assert body["decision_rule"] == "balanced" and body["top_class"] == expected_balanced
+        assert body["class_by_rule"] == {"argmax": expected_argmax, "balanced": expected_balanced}

@@ -549,3 +549,28 @@ def test_distill_commands(skewed_dir: Path, tmp_path: Path) -> None:
     assert "distill:" in (tmp_path / "lfme" / "report.html").read_text()
     expert_metrics = json.loads((tmp_path / "experts" / "few" / "metrics.json").read_text())
     assert expert_metrics["class_subset"] == ["c", "d", "e", "f"]
+
+
+@pytest.mark.slow
+def test_kd_from_an_ensemble_of_two_runs(ham_dir: Path, tmp_path: Path) -> None:
+    from dermlab.training.ensemble import create_ensemble_run
+
+    base = apply_overrides(Config(), [f"data.path={ham_dir}", *TINY, "train.stage1_epochs=1", "train.stage2_epochs=0",
+                                      "data.augmentation=none", "evaluation.bootstrap_resamples=0"])
+    train_run(base, tmp_path / "a")
+    split = f"data.splits_file={tmp_path / 'a' / 'splits.csv'}"
+    train_run(apply_overrides(base, ["train.seed=3", split]), tmp_path / "b")
+    create_ensemble_run([str(tmp_path / "a"), str(tmp_path / "b")], tmp_path / "ens")
+    teachers = load_teachers([tmp_path / "ens"], load_checkpoint(tmp_path / "a").classes, "kd")
+    bank = TeacherBank(teachers, teachers[0].preprocessing, len(teachers[0].classes))
+    assert not bank.shares_backbone(load_checkpoint(tmp_path / "a").model, teachers[0].preprocessing)
+    x = torch.randn(2, 3, 32, 32)
+    ensemble_logits = bank.logits(x)[0]
+    with torch.inference_mode():
+        by_hand = torch.log((load_checkpoint(tmp_path / "a").model(x).softmax(1) + load_checkpoint(tmp_path / "b").model(x).softmax(1)) / 2)
+    assert torch.allclose(ensemble_logits, by_hand, atol=1e-5)  # the teacher's logits: log of the members' mean
+    student = apply_overrides(base, ["train.stage2_epochs=1", "distill.method=kd", split,
+                                     f"distill.teachers={json.dumps([str(tmp_path / 'ens')])}"])
+    result = train_run(student, tmp_path / "student")
+    logged = pd.read_csv(tmp_path / "student" / "logs" / "metrics.csv")
+    assert logged["train/distill"].dropna().gt(0).all() and result.best_checkpoint.is_file()

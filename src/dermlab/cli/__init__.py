@@ -24,6 +24,7 @@ _COMMAND_MODULES = [
     "compare",
     "experiment",
     "distill",
+    "ensemble",
     "explain",
     "predict",
     "serve",
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_TRAINING_COMMANDS = {"train", "experiment", "distill"}
+_TRAINING_COMMANDS = {"train", "experiment", "distill", "ensemble"}
 
 
 def _quiet_libraries(import_lightning: bool) -> None:

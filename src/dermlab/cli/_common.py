@@ -34,12 +34,18 @@ def add_behaviour_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--uncalibrated", action="store_true", help="ignore the checkpoint's temperature (and its abstention rule)"
     )
+    parser.add_argument(
+        "--rule",
+        choices=["argmax", "balanced"],
+        help="decision rule: argmax (accuracy first) or balanced (the run's logit adjustment, fitted on val for "
+        "balanced accuracy); default: the run's own (evaluation.decision_rule). Both are reported",
+    )
 
 
 def behaviour_options(args: argparse.Namespace) -> dict:
     """Keyword arguments of :meth:`Predictor.from_path` from :func:`add_behaviour_arguments`' flags."""
     tta = args.tta_views if args.tta_views else (True if args.tta else None)
-    return {"tta": tta, "calibrated": not args.uncalibrated, "abstain": not args.uncalibrated}
+    return {"tta": tta, "calibrated": not args.uncalibrated, "abstain": not args.uncalibrated, "rule": args.rule}
 
 
 def resolve_config(args: argparse.Namespace, flag_overrides: list[str]) -> Config:

@@ -41,6 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "JPEG 30, blur, 4:3 squashed to 1:1, downscale to 100 px, vignette); a wrong name lists the valid ones",
     )
     parser.add_argument("--shift-seed", type=int, default=0, help="seed of the corruptions (default 0)")
+    parser.add_argument(
+        "--weights",
+        choices=["averaged", "raw"],
+        default="averaged",
+        help="a run trained with train.ema: its averaged weights (default; what predict, serve and export use) "
+        "or the raw weights of the same step (an ablation)",
+    )
     add_behaviour_arguments(parser)  # the same flags and defaults as predict and serve
     parser.set_defaults(handler=run)
 
@@ -52,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from dermlab.models.checkpoint import load_checkpoint, resolve_checkpoint_path
     from dermlab.training.run import prepare_run_data
 
-    loaded = load_checkpoint(args.run)
+    loaded = load_checkpoint(args.run, raw_weights=args.weights == "raw")
     checkpoint = resolve_checkpoint_path(args.run)
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
     if args.data:

@@ -109,8 +109,11 @@ def run(args: argparse.Namespace) -> int:
     if not results:
         print(f"error: none of the {len(paths)} files could be read as an image", file=sys.stderr)
         return 2
+    import numpy as np
+
     table = _predictions_table(
-        results, predictor.classes, abstention=predictor.abstention is not None, metadata=predictor.takes_metadata
+        results, predictor.classes, abstention=predictor.abstention is not None, metadata=predictor.takes_metadata,
+        rule=predictor.decision_rule, by_rule=predictor.classes_by_rule(np.stack([r.probabilities for r in results])),
     )
     out = Path(args.out)
     atomic_save(out, lambda tmp: table.to_csv(tmp, index=False))
@@ -120,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         note += f", {int(table['uncertain'].sum())} uncertain"
     if predictor.takes_metadata:
         note += "; metadata " + _metadata_counts(table["metadata"], args.metadata)
-    print(f"wrote {out} ({count}{note}; model {predictor.model_id}, {predictor.engine})")
+    rules = " (predicted_argmax and predicted_balanced give both rules)" if "predicted_balanced" in table else ""
+    print(f"wrote {out} ({count}{note}; model {predictor.model_id}, {predictor.engine}; column predicted: {predictor.decision_rule} rule{rules})")
     return 0
 
 
@@ -132,8 +136,18 @@ def _metadata_counts(statuses: pd.Series, source: str | None) -> str:
     return ", ".join(parts) + missing
 
 
-def _predictions_table(results: list, classes: list[str], abstention: bool = False, metadata: bool = False) -> pd.DataFrame:
+def _predictions_table(
+    results: list,
+    classes: list[str],
+    abstention: bool = False,
+    metadata: bool = False,
+    rule: str = "argmax",
+    by_rule: dict[str, list[str]] | None = None,
+) -> pd.DataFrame:
     """``image_id, path, predicted, prob_<class>...``: the columns of ``evaluation.predictions_frame`` less ``true``.
+
+    ``predicted`` is the choice of ``rule``; with ``by_rule`` holding two rules (a run with a fitted logit
+    adjustment), ``predicted_argmax`` and ``predicted_balanced`` give both.
 
     With ``abstention``, an ``uncertain`` column follows (True where the checkpoint's rule abstains). With
     ``metadata`` (a fusion model), ``metadata`` (``used``, ``partial`` or ``missing``) and ``metadata_missing``
@@ -146,13 +160,17 @@ def _predictions_table(results: list, classes: list[str], abstention: bool = Fal
     import pandas as pd
 
     probabilities = np.stack([result.probabilities for result in results])
+    by_rule = by_rule or {"argmax": [classes[i] for i in probabilities.argmax(axis=1)]}
     table = pd.DataFrame(
         {
             "image_id": [result.path.stem for result in results],
             "path": [str(result.path) for result in results],
-            "predicted": [classes[i] for i in probabilities.argmax(axis=1)],
+            "predicted": by_rule[rule],
         }
     )
+    if len(by_rule) > 1:
+        for name, picked in by_rule.items():
+            table[f"predicted_{name}"] = picked
     for index, name in enumerate(classes):
         table[f"prob_{name}"] = probabilities[:, index]
     if abstention:

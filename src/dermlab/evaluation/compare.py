@@ -91,12 +91,25 @@ def data_fingerprint(predictions: pd.DataFrame) -> str:
     return hashlib.sha256("\n".join(pairs).encode("utf-8")).hexdigest()[:16]
 
 
+#: the balanced decision rule's figures compared beside the argmax rule's (columns ``balanced_rule_<key>``)
+BALANCED_RULE_METRICS = ("accuracy", "balanced_accuracy", "f1_macro")
+
+
+def _balanced_rule(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A split's balanced-rule figures (``metrics["rules"]["balanced"]``), {} for a run without that rule."""
+    rules = metrics.get("rules")
+    rule = rules.get("balanced") if isinstance(rules, dict) else None
+    return rule if isinstance(rule, dict) else {}
+
+
 def compare_runs(
     run_dirs: Sequence[str | Path], split: str = "test", classes: Sequence[str] | None = None
 ) -> pd.DataFrame:
     """One row per run (index ``run``), columns :data:`COMPARISON_METRICS`, the target class's sensitivity at
     the fixed specificity (``sensitivity_at_specificity_<class>``, when every run has that target) and
-    ``recall_<class>`` per class of ``classes``.
+    ``recall_<class>`` per class of ``classes``. The columns are the argmax rule's; when a run has a fitted
+    balanced rule (logit adjustment), ``balanced_rule_accuracy``, ``balanced_rule_balanced_accuracy`` and
+    ``balanced_rule_f1_macro`` follow (NaN for runs without one; their differences are not tested).
 
     A run is named by the string ``label`` in its ``metrics.json`` when there is one, else by its folder name;
     names that collide fall back to the path as given. Undefined values (and classes a run lacks) are NaN.
@@ -112,6 +125,9 @@ def compare_runs(
         per_class = metrics.get("per_class") or {}
         for class_name in classes or ():
             row[f"recall_{class_name}"] = _number((per_class.get(class_name) or {}).get("recall"))
+        if any(_balanced_rule(m) for _, m in loaded):  # the other decision rule, where a run has one
+            for key in BALANCED_RULE_METRICS:
+                row[f"balanced_rule_{key}"] = _number(_balanced_rule(metrics).get(key))
         rows.append(row)
     names = [name for name, _ in loaded]
     frame = pd.DataFrame(rows, index=pd.Index(names, name="run"))
@@ -134,7 +150,8 @@ def compare_with_intervals(
     loaded = _load_runs(run_dirs, split)
     low, high = (pd.DataFrame(math.nan, index=values.index, columns=values.columns) for _ in range(2))
     for name, metrics in loaded:
-        for column, interval in (metrics.get("intervals") or {}).items():
+        intervals = {**(metrics.get("intervals") or {}), **{f"balanced_rule_{k}": v for k, v in (_balanced_rule(metrics).get("intervals") or {}).items()}}
+        for column, interval in intervals.items():
             if column in values.columns and interval is not None:
                 low.loc[name, column], high.loc[name, column] = (float(bound) for bound in interval)
     comparison = RunComparison(

@@ -21,6 +21,7 @@ from dermlab.evaluation.abstention import AbstentionRule, abstention_summary
 from dermlab.evaluation.bootstrap import bootstrap_intervals
 from dermlab.evaluation.calibration import reliability_bins
 from dermlab.evaluation.compare import data_fingerprint
+from dermlab.evaluation.decision import RULES, DecisionRule
 from dermlab.evaluation.inference import (
     InferenceBehaviour,
     checkpoint_abstention,
@@ -246,6 +247,7 @@ def evaluate_frame(
     tta: bool | str | Sequence[str] | None = None,
     calibrated: bool = True,
     abstain: bool = True,
+    rule: str | None = None,
 ) -> dict[str, Any]:
     """Run the model over labelled rows and score them (see :func:`score_logits`).
 
@@ -257,7 +259,7 @@ def evaluate_frame(
         raise DataError("nothing to evaluate: the chosen split is empty")
     evaluation = evaluation or loaded.config.evaluation
     behaviour = resolve_behaviour(
-        evaluation.tta, loaded.extras, str(loaded.path), tta=tta, calibrated=calibrated, abstain=abstain
+        evaluation.tta, loaded.extras, str(loaded.path), tta=tta, calibrated=calibrated, abstain=abstain, rule=rule
     )
     logits = predict_view_logits(loaded, frame, behaviour.views, batch_size=batch_size, num_workers=num_workers)
     return score_logits(
@@ -269,6 +271,8 @@ def evaluate_frame(
         temperature=behaviour.temperature,
         abstention=behaviour.abstention,
         views=behaviour.views,
+        decision=behaviour.decision,
+        rule=behaviour.rule,
     )
 
 
@@ -282,8 +286,14 @@ def score_logits(
     temperature: float = 1.0,
     abstention: AbstentionRule | None = None,
     views: Sequence[str] = ("identity",),
+    decision: DecisionRule | None = None,
+    rule: str = "argmax",
 ) -> dict[str, Any]:
     """Score view logits ``(V, N, C)`` (or ``(N, C)``) of labelled rows (see :func:`score_predictions`).
+
+    The headline metrics are those of the argmax rule; with a fitted ``decision`` the metrics also hold
+    ``rules`` (accuracy, balanced accuracy, macro F1 and per-class recall of each rule, with intervals) and
+    ``decision_rule``, the rule (``rule``) whose choice fills predictions.csv's ``predicted`` column.
 
     Probabilities are the views' mean of ``softmax(logits / temperature)``, as ``dermlab predict`` and the
     service compute them. The metrics also hold ``tta`` (the views) and ``calibration`` (the temperature, ECE
@@ -291,10 +301,15 @@ def score_logits(
     accepted), and predictions.csv gets an ``uncertain`` column.
     """
     logits = np.asarray(logits)
-    decisions = InferenceBehaviour(tuple(views), temperature, abstention).decide(logits)  # as predict and serve
+    behaviour = InferenceBehaviour(tuple(views), temperature, abstention, decision, rule)
+    decisions = behaviour.decide(logits)  # as predict and serve
     probabilities = decisions.probabilities
     raw = average_probabilities(logits, 1.0) if temperature != 1.0 else probabilities
     predictions = predictions_frame(frame, classes, probabilities)
+    if decision is not None:
+        predictions["predicted"] = [classes[i] for i in decisions.predicted]
+        for name, chosen in (decisions.by_rule or {}).items():
+            predictions[f"predicted_{name}"] = [classes[i] for i in chosen]
     index = {name: i for i, name in enumerate(classes)}
     unknown = sorted(set(predictions["true"]) - set(index))
     if unknown:
@@ -310,6 +325,10 @@ def score_logits(
             "nll_after": _nll(y_true, probabilities),
         },
     }
+    groups = frame["group"].astype(str).tolist() if "group" in frame else None
+    if decision is not None:
+        extra["decision_rule"] = rule
+        extra["rules"] = rule_metrics(y_true, probabilities, classes, decision, evaluation, groups)
     if abstention is not None:
         rejected = decisions.uncertain
         predictions["uncertain"] = rejected
@@ -325,8 +344,38 @@ def score_logits(
         evaluation,
         uncalibrated=raw if temperature != 1.0 else None,
         extra=extra,
-        groups=frame["group"].astype(str).tolist() if "group" in frame else None,
+        groups=groups,
     )
+
+
+def rule_metrics(
+    y_true: np.ndarray,
+    probabilities: np.ndarray,
+    classes: Sequence[str],
+    decision: DecisionRule,
+    evaluation: EvaluationConfig,
+    groups: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Each decision rule's accuracy, balanced accuracy, macro F1 and recall per class, with intervals."""
+    out: dict[str, Any] = {}
+    for name in RULES:
+        adjusted = decision.probabilities(probabilities, name)
+        metrics = compute_metrics(y_true, adjusted, list(classes), target_class=None)
+        entry: dict[str, Any] = {
+            "tau": 0.0 if name == "argmax" else float(decision.tau),
+            "accuracy": metrics["accuracy"],
+            "balanced_accuracy": metrics["balanced_accuracy"],
+            "f1_macro": metrics["f1_macro"],
+            "recall": {c: v["recall"] for c, v in metrics["per_class"].items()},
+        }
+        if evaluation.bootstrap_resamples > 0:
+            intervals = bootstrap_intervals(
+                y_true, adjusted, list(classes), groups=groups, resamples=evaluation.bootstrap_resamples, seed=evaluation.bootstrap_seed
+            )["intervals"]
+            keys = ["accuracy", "balanced_accuracy", "f1_macro", *(f"recall_{c}" for c in classes)]
+            entry["intervals"] = {key: intervals.get(key) for key in keys}
+        out[name] = entry
+    return out
 
 
 def _nll(y_true: np.ndarray, probabilities: np.ndarray) -> float:

@@ -19,6 +19,7 @@ import torch
 
 from dermlab.errors import CheckpointError
 from dermlab.evaluation.abstention import AbstentionRule
+from dermlab.evaluation.decision import RULES, DecisionRule, checkpoint_decision
 from dermlab.evaluation.tta import average_probabilities, resolve_tta_views
 
 __all__ = ["InferenceBehaviour", "Decisions", "resolve_behaviour", "checkpoint_temperature", "checkpoint_abstention"]
@@ -28,22 +29,30 @@ TtaSetting = bool | str | Sequence[str] | None
 
 @dataclass(frozen=True)
 class Decisions:
-    """Probabilities ``(N, C)``, the argmax class index, and per image the abstention verdict and its reasons."""
+    """Probabilities ``(N, C)``, the class index the decision rule picks, and per image the abstention verdict
+    and its reasons; ``by_rule`` holds the class index of every rule the run has (``argmax``, ``balanced``)."""
 
     probabilities: np.ndarray
     predicted: np.ndarray
     uncertain: np.ndarray
     reasons: list[list[str]]
     scores: dict[str, np.ndarray]
+    rule: str = "argmax"
+    by_rule: dict[str, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
 class InferenceBehaviour:
-    """TTA views, temperature and abstention rule (``None`` = off); see :func:`resolve_behaviour`."""
+    """TTA views, temperature, abstention rule (``None`` = off) and decision rule; see :func:`resolve_behaviour`.
+
+    ``decision``: the run's fitted rules (``None``: argmax only); ``rule``: the one that picks ``predicted``.
+    """
 
     views: tuple[str, ...] = ("identity",)
     temperature: float = 1.0
     abstention: AbstentionRule | None = None
+    decision: DecisionRule | None = None
+    rule: str = "argmax"
 
     def probabilities(self, logits: torch.Tensor | np.ndarray) -> np.ndarray:
         """``mean over views of softmax(logits / temperature)`` of view logits ``(V, N, C)`` (or ``(N, C)``)."""
@@ -58,18 +67,24 @@ class InferenceBehaviour:
             reasons = self.abstention.reasons(scores)
         else:
             scores, reasons = {}, [[] for _ in range(count)]
+        by_rule = {"argmax": probabilities.argmax(axis=1) if count else np.zeros(0, dtype=np.int64)}
+        if self.decision is not None:
+            by_rule["balanced"] = self.decision.predict(probabilities, "balanced") if count else np.zeros(0, dtype=np.int64)
         return Decisions(
             probabilities=probabilities,
-            predicted=probabilities.argmax(axis=1) if count else np.zeros(0, dtype=np.int64),
+            predicted=by_rule[self.rule],
             uncertain=np.asarray([bool(r) for r in reasons], dtype=bool),
             reasons=[list(r) for r in reasons],
             scores=scores,
+            rule=self.rule,
+            by_rule=by_rule,
         )
 
     def describe(self) -> str:
-        """One line, e.g. ``TTA views: identity, hflip; temperature 1.31; abstention rule on``."""
+        """One line, e.g. ``TTA views: identity, hflip; temperature 1.31; abstention rule on; decision rule argmax``."""
         rule = "on" if self.abstention is not None else "off"
-        return f"TTA views: {', '.join(self.views)}; temperature {self.temperature:.4g}; abstention rule {rule}"
+        decision = self.rule + (f" (balanced rule: tau {self.decision.tau:g})" if self.decision is not None else "")
+        return f"TTA views: {', '.join(self.views)}; temperature {self.temperature:.4g}; abstention rule {rule}; decision rule {decision}"
 
 
 def resolve_behaviour(
@@ -80,17 +95,30 @@ def resolve_behaviour(
     tta: TtaSetting = None,
     calibrated: bool = True,
     abstain: bool = True,
+    rule: str | None = None,
 ) -> InferenceBehaviour:
-    """The behaviour of a run: ``run_views`` (its ``evaluation.tta``) unless ``tta`` overrides them, the
-    temperature of ``extras`` unless ``calibrated`` is False, its abstention rule unless ``abstain`` is False.
+    """The behaviour of a run: its views unless ``tta`` overrides them, the temperature of ``extras`` unless
+    ``calibrated`` is False, its abstention rule unless ``abstain`` is False, its decision rule unless ``rule``.
 
+    The run's views are those chosen on val after training (``extras["tta_views"]``, see
+    ``evaluation.tta_candidates``), else ``run_views`` (its ``evaluation.tta``).
     ``tta``: ``None`` = the run's views; ``True`` = flips; ``False`` = identity only; names or a comma list.
+    ``rule``: ``None`` = the run's default (``extras["decision"]["default"]``, else argmax); ``argmax`` or ``balanced``.
     ``extras``: the checkpoint's ``dermlab`` entries (or an ONNX export's metadata); ``source`` names it in errors.
     """
+    decision = checkpoint_decision(extras, source)
+    chosen = rule or (decision.default if decision is not None else "argmax")
+    if chosen not in RULES:
+        raise CheckpointError(f"unknown decision rule {chosen!r}; valid rules: {', '.join(RULES)}")
+    if chosen == "balanced" and decision is None:
+        raise CheckpointError(f"{source}: has no fitted balanced rule (evaluation.logit_adjustment was off or it predates it)")
+    own_views = extras.get("tta_views") or run_views
     return InferenceBehaviour(
-        views=resolve_tta_views(run_views if tta is None else tta),
+        views=resolve_tta_views(own_views if tta is None else tta),
         temperature=checkpoint_temperature(extras, source) if calibrated else 1.0,
         abstention=checkpoint_abstention(extras, source) if abstain else None,
+        decision=decision,
+        rule=chosen,
     )
 
 

@@ -50,6 +50,13 @@ def write_model_card(run_dir: str | Path) -> Path:
     return path
 
 
+def _tta_text(evaluation: dict[str, Any], metrics: dict[str, Any]) -> str:
+    choice = metrics.get("tta_choice") if isinstance(metrics.get("tta_choice"), dict) else None
+    if choice and choice.get("views"):
+        return ", ".join(choice["views"]) + f" (the lowest val log-loss of {len(choice.get('val_log_loss') or {})} candidate sets)"
+    return ", ".join(evaluation.get("tta") or []) or "off"
+
+
 def render_model_card(run_dir: str | Path) -> str:
     """The model card of a run folder as markdown."""
     run_dir = Path(run_dir)
@@ -68,7 +75,7 @@ def render_model_card(run_dir: str | Path) -> str:
         f"> {_NOT_A_MEDICAL_DEVICE}",
         "",
         _intended_use(classes),
-        _model_details(config),
+        _model_details(config, metrics),
         _data_section(config, splits, classes, ham),
         _performance_section(metrics, classes),
         _calibration_section(metrics, int((config.get("evaluation") or {}).get("ece_bins", 15))),
@@ -102,7 +109,8 @@ def _intended_use(classes: Sequence[str]) -> str:
     )
 
 
-def _model_details(config: dict[str, Any]) -> str:
+def _model_details(config: dict[str, Any], metrics: dict[str, Any] | None = None) -> str:
+    metrics = metrics or {}
     model = config.get("model") or {}
     train = config.get("train") or {}
     data = config.get("data") or {}
@@ -135,9 +143,21 @@ def _model_details(config: dict[str, Any]) -> str:
             f"{train.get('stage2_lr', '?')}; best checkpoint by `{train.get('monitor', '?')}` on val",
         ),
         ("augmentation", f"`{data.get('augmentation', '?')}`, sampler `{data.get('sampler', 'none')}`"),
-        ("test-time augmentation", ", ".join(evaluation.get("tta") or []) or "off"),
+        ("test-time augmentation", _tta_text(evaluation, metrics)),
         ("seed", str(train.get("seed", "?"))),
     ]
+    if train.get("ema"):
+        rows.insert(5, ("weights", f"an exponential moving average of stage 2's weights (half-life {train.get('ema_half_life')} of its steps)"))
+    decision = metrics.get("decision") if isinstance(metrics.get("decision"), dict) else None
+    if decision:
+        rows.append(
+            ("decision rules", f"argmax, and balanced: logit adjustment with tau {_number(decision.get('tau'))} fitted on val "
+             f"for balanced accuracy; predictions use `{decision.get('default', 'argmax')}`")
+        )
+    ensemble = metrics.get("ensemble") if isinstance(metrics.get("ensemble"), dict) else None
+    if ensemble:  # the rows above describe the first member's recipe
+        rows[0] = ("ensemble", "the mean of the calibrated probabilities of " + ", ".join(f"`{m}`" for m in ensemble.get("members", []))
+                   + "; the rows below are the first member's recipe")
     return "\n".join(["## Model", "", *(f"- **{name}:** {value}" for name, value in rows), ""])
 
 

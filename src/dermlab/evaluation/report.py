@@ -210,9 +210,14 @@ def _decision_rule_text(metrics: dict[str, Any], part: dict[str, Any] | None) ->
             f"{target['class']} operating point: positive when p({target['class']}) >= {point['threshold']:.3g}, the "
             f"highest sensitivity with specificity >= {point['requested']:g} on this split."
         )
-    stated = metrics.get("decision_rule") or part.get("decision_rule")
-    if isinstance(stated, str) and stated:
-        sentences.append(stated)
+    balanced = ((part.get("rules") or {}).get("balanced")) if isinstance(part.get("rules"), dict) else None
+    if isinstance(balanced, dict):
+        chosen = part.get("decision_rule", "argmax")
+        sentences.append(
+            f"Two decision rules come from this one model: argmax (accuracy first) and balanced (logit adjustment: "
+            f"argmax of log p - {balanced.get('tau', 0):g} x log(training class share), tau fitted on val for balanced "
+            f"accuracy). Predictions use the {chosen} rule; the figures below give both."
+        )
     return html.escape(" ".join(sentences))
 
 
@@ -251,6 +256,13 @@ def _key_metrics_html(split_metrics: dict[str, dict[str, Any]], main: str) -> st
                 ),
             ]
         )
+    if any(isinstance((split_metrics[s].get("rules") or {}).get("balanced"), dict) for s in names):
+        for label, key in (("accuracy, balanced rule", "accuracy"), ("balanced accuracy, balanced rule", "balanced_accuracy"), ("macro F1, balanced rule", "f1_macro")):
+            cells = []
+            for s in names:
+                rule = (split_metrics[s].get("rules") or {}).get("balanced") or {}
+                cells.append(_metric_cell(rule.get(key), (rule.get("intervals") or {}).get(key), s == main))
+            rows.append([label, *cells])
     rows.append(["images", *(_raw(split_metrics[s].get("n")) for s in names)])
     return _table(["metric", *(f"{s} [95% interval]" for s in names)], rows, css_class="key-metrics")
 

@@ -16,6 +16,7 @@ import pandas as pd
 
 from dermlab.evaluation.abstention import AbstentionRule, fit_abstention, synthetic_non_lesion_images
 from dermlab.evaluation.bootstrap import sensitivity_key
+from dermlab.evaluation.decision import DecisionRule, checkpoint_decision, fit_tau
 from dermlab.evaluation.evaluate import (
     predict_image_logits,
     predict_view_logits,
@@ -26,7 +27,7 @@ from dermlab.evaluation.evaluate import (
 from dermlab.evaluation.model_card import write_model_card
 from dermlab.evaluation.plots import plot_training_curves
 from dermlab.evaluation.report import write_report
-from dermlab.evaluation.tta import fit_tta_temperature, resolve_tta_views
+from dermlab.evaluation.tta import average_probabilities, fit_tta_temperature, resolve_tta_views
 from dermlab.io import atomic_write_json
 from dermlab.models.checkpoint import LoadedModel, load_checkpoint, update_checkpoint_metadata
 
@@ -51,15 +52,19 @@ def summarise_run(
     loaded = load_checkpoint(run_dir)
     batch_size = loaded.config.data.eval_batch_size
     evaluation = loaded.config.evaluation
-    views = resolve_tta_views(evaluation.tta)
     rows = {split: frame[frame["split"] == split].reset_index(drop=True) for split in splits}
     rows = {split: part for split, part in rows.items() if len(part) > 0}
-    logits = {
-        split: predict_view_logits(loaded, part, views, batch_size=batch_size, num_workers=num_workers)
-        for split, part in rows.items()
-    }
-    facts = _fit_on_val(loaded, rows.get("val"), logits.get("val"), views)
+    logits: dict[str, np.ndarray] = {}
+    views, tta_facts = resolve_tta_views(evaluation.tta), {}
+    if "val" in rows and evaluation.tta_candidates:
+        views, logits["val"], tta_facts = _choose_tta_on_val(loaded, rows["val"], batch_size, num_workers)
+    for split, part in rows.items():
+        if split not in logits:
+            logits[split] = predict_view_logits(loaded, part, views, batch_size=batch_size, num_workers=num_workers)
+    prior = _train_prior(frame, loaded.classes)
+    facts = _fit_on_val(loaded, rows.get("val"), logits.get("val"), views, prior, tta_facts)
     rule = resolve_abstention(loaded)
+    decision = checkpoint_decision(loaded.extras, str(loaded.path))
     summary: dict[str, Any] = {}
     for split, part in rows.items():
         summary[split] = score_logits(
@@ -71,6 +76,8 @@ def summarise_run(
             temperature=resolve_temperature(loaded),
             abstention=rule,
             views=views,
+            decision=decision,
+            rule=decision.default if decision is not None else "argmax",
         )
     summary.update(facts)
     if rule is not None:
@@ -93,8 +100,8 @@ def summarise_run(
 
 # The console table's rows: (label, key in the split's metrics, key in its "intervals" or None).
 _TABLE_ROWS = (
-    ("accuracy", "accuracy", "accuracy"),
-    ("balanced accuracy", "balanced_accuracy", "balanced_accuracy"),
+    ("accuracy (argmax rule)", "accuracy", "accuracy"),
+    ("balanced accuracy (argmax rule)", "balanced_accuracy", "balanced_accuracy"),
     ("macro precision", "precision_macro", None),
     ("macro recall", "recall_macro", None),
     ("macro F1", "f1_macro", "f1_macro"),
@@ -125,7 +132,32 @@ def metrics_table(summary: dict[str, Any], splits: tuple[str, ...] = ("val", "te
     classes = next((list(part["per_class"]) for part in parts if isinstance(part.get("per_class"), dict)), [])
     for name in classes:
         rows.append([f"recall {name}", *(_recall_cell(part, name) for part in parts)])
+    rows.extend(_rule_rows(parts))
     return ["metric", *present], rows
+
+
+def _rule_rows(parts: list[dict[str, Any]]) -> list[list[str]]:
+    """With a fitted balanced rule: its tau, accuracy, balanced accuracy, macro F1 and per-class recall.
+
+    The rows above are the argmax rule's; ``decision rule`` names the one predictions.csv's column uses.
+    """
+    if not any(isinstance(part.get("rules"), dict) and "balanced" in part["rules"] for part in parts):
+        return []
+
+    def balanced(part: dict[str, Any], key: str) -> str:
+        rule = (part.get("rules") or {}).get("balanced") or {}
+        value = rule.get("recall", {}).get(key[7:]) if key.startswith("recall_") else rule.get(key)
+        return _with_interval(value, (rule.get("intervals") or {}).get(key))
+
+    tau = next(part["rules"]["balanced"]["tau"] for part in parts if isinstance(part.get("rules"), dict) and "balanced" in part["rules"])
+    rows = [["decision rule (predicted)", *(str(part.get("decision_rule", "argmax")) for part in parts)]]
+    rows.append([f"balanced rule (tau {tau:g}): accuracy", *(balanced(part, "accuracy") for part in parts)])
+    rows.append(["balanced rule: balanced accuracy", *(balanced(part, "balanced_accuracy") for part in parts)])
+    rows.append(["balanced rule: macro F1", *(balanced(part, "f1_macro") for part in parts)])
+    classes = next((list(part["rules"]["balanced"].get("recall", {})) for part in parts if isinstance(part.get("rules"), dict)), [])
+    for name in classes:
+        rows.append([f"balanced rule: recall {name}", *(balanced(part, f"recall_{name}") for part in parts)])
+    return rows
 
 
 def interval_note(summary: dict[str, Any], splits: tuple[str, ...] = ("val", "test")) -> str:
@@ -168,10 +200,50 @@ def _with_interval(value: Any, interval: Any) -> str:
     return f"{value:.4f}"
 
 
+def _choose_tta_on_val(
+    loaded: LoadedModel, val: pd.DataFrame, batch_size: int, num_workers: int
+) -> tuple[tuple[str, ...], np.ndarray, dict[str, Any]]:
+    """The candidate view set of ``evaluation.tta_candidates`` with the lowest val log-loss (each with its own
+    fitted temperature), its val logits, and the facts (every candidate's log-loss).
+
+    The union of the candidates' views is run once; a log-loss, not accuracy, decides, as it is smooth and
+    proper (a count of a few hundred images changes by one image at a time). Ties go to the fewer views.
+    """
+    index = {name: i for i, name in enumerate(loaded.classes)}
+    y_val = val["label"].map(index).to_numpy(dtype=np.int64)
+    candidates = [resolve_tta_views(candidate) for candidate in loaded.config.evaluation.tta_candidates]
+    union = tuple(dict.fromkeys(view for candidate in candidates for view in candidate))
+    all_logits = predict_view_logits(loaded, val, union, batch_size=batch_size, num_workers=num_workers)
+    scores = {}
+    for candidate in candidates:
+        picked = all_logits[[union.index(view) for view in candidate]]
+        probabilities = average_probabilities(picked, fit_tta_temperature(picked, y_val))
+        scores[",".join(candidate)] = float(-np.mean(np.log(np.clip(probabilities[np.arange(y_val.size), y_val], 1e-12, None))))
+    best = min(scores, key=lambda key: (round(scores[key], 6), len(key.split(","))))
+    views = tuple(best.split(","))
+    log.info("TTA views chosen on val: %s (val log-loss %s)", best, {k: round(v, 4) for k, v in scores.items()})
+    return views, all_logits[[union.index(view) for view in views]], {"views": list(views), "val_log_loss": scores}
+
+
+def _train_prior(frame: pd.DataFrame, classes: list[str]) -> list[float] | None:
+    """The training split's class shares (each class counted at least once), or None without train rows."""
+    train = frame[frame["split"] == "train"] if "split" in frame else frame.iloc[:0]
+    if len(train) == 0:
+        return None
+    counts = train["label"].value_counts().reindex(classes, fill_value=0).clip(lower=1).to_numpy(dtype=np.float64)
+    return (counts / counts.sum()).tolist()
+
+
 def _fit_on_val(
-    loaded: LoadedModel, val: pd.DataFrame | None, logits: np.ndarray | None, views: tuple[str, ...]
+    loaded: LoadedModel,
+    val: pd.DataFrame | None,
+    logits: np.ndarray | None,
+    views: tuple[str, ...],
+    prior: list[float] | None = None,
+    tta_facts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fit the temperature and the abstention rule on val, store them in the checkpoint, return the facts.
+    """Fit the temperature, the abstention rule and the balanced rule's tau (``evaluation.logit_adjustment``,
+    with the training ``prior``) on val, store them in the checkpoint with the chosen TTA views, return the facts.
 
     Without a val split nothing is fitted and the checkpoint keeps what it holds.
     """
@@ -193,10 +265,27 @@ def _fit_on_val(
     entries: dict[str, Any] = {"abstention": rule.to_dict() if rule is not None else None}
     if fitted:
         entries.update(temperature=temperature, calibration=calibration)
+    if tta_facts:
+        entries.update(tta_views=list(views), tta_choice=tta_facts)
+    decision = None
+    if evaluation.logit_adjustment and prior is not None:
+        probabilities = average_probabilities(logits, temperature)
+        tau, curve = fit_tau(probabilities, y_val, prior)
+        decision = {
+            **DecisionRule(tau, tuple(prior), evaluation.decision_rule).to_dict(),
+            "fitted_on": "val",
+            "val_balanced_accuracy": {"argmax": curve[0.0], "balanced": curve[tau]},
+        }
+        entries["decision"] = decision
     update_checkpoint_metadata(loaded.path, **entries)
     loaded.extras.update(entries)
-    log.info("fitted on val: temperature %.4f, abstention %s", temperature, rule.thresholds if rule else "off")
-    return {"temperature": temperature, "calibration": calibration, "abstention": entries["abstention"]}
+    log.info("fitted on val: temperature %.4f, abstention %s, tau %s", temperature, rule.thresholds if rule else "off", decision and decision["tau"])
+    facts = {"temperature": temperature, "calibration": calibration, "abstention": entries["abstention"]}
+    if decision is not None:
+        facts["decision"] = decision
+    if tta_facts:
+        facts["tta_choice"] = tta_facts
+    return facts
 
 
 def _non_lesion_rejection(

@@ -41,15 +41,36 @@ TTA_VIEWS.add("rot270", lambda batch: torch.rot90(batch, 3, dims=(-2, -1)))
 TTA_VIEWS.add("transpose", lambda batch: batch.transpose(-2, -1))
 TTA_VIEWS.add("transverse", lambda batch: torch.rot90(batch, 2, dims=(-2, -1)).transpose(-2, -1))
 
+
+
+def _zoom(fraction: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The central ``fraction`` of the batch (each side), resized back to the input size (bilinear)."""
+
+    def view(batch: torch.Tensor) -> torch.Tensor:
+        height, width = batch.shape[-2:]
+        crop_h, crop_w = max(1, round(height * fraction)), max(1, round(width * fraction))
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        crop = batch[..., top : top + crop_h, left : left + crop_w]
+        return torch.nn.functional.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)
+
+    return view
+
+
+# multi-crop: central crops zoomed back to the input size (the lesion larger, the border cut off)
+TTA_VIEWS.add("zoom90", _zoom(0.9))
+TTA_VIEWS.add("zoom80", _zoom(0.8))
+
 DEFAULT_TTA_VIEWS: tuple[str, ...] = ("identity", "hflip", "vflip")
 """The views ``tta=True`` uses (the three every backbone accepts at any input size)."""
 
 #: Named sets of views, usable wherever a view name is: ``flips`` and the shape-keeping ``flips+rot180``
-#: (any backbone), ``dihedral`` (all eight symmetries of the square).
+#: (any backbone), ``dihedral`` (all eight symmetries of the square), ``crops`` (a small multi-crop set: the
+#: whole image and two central zooms).
 TTA_PRESETS: dict[str, tuple[str, ...]] = {
     "flips": DEFAULT_TTA_VIEWS,
     "flips+rot180": ("identity", "hflip", "vflip", "rot180"),
     "dihedral": ("identity", "rot90", "rot180", "rot270", "hflip", "vflip", "transpose", "transverse"),
+    "crops": ("identity", "zoom90", "zoom80"),
 }
 
 

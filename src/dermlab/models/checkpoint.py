@@ -25,6 +25,7 @@ __all__ = [
     "resolve_checkpoint_path",
     "checkpoint_metadata",
     "update_checkpoint_metadata",
+    "RAW_WEIGHTS_KEY",
 ]
 
 FORMAT_VERSION = 1
@@ -126,12 +127,25 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the network of a run folder or checkpoint file, strictly, in eval mode."""
+#: where a checkpoint trained with ``train.ema`` keeps the raw weights (its ``state_dict`` holds the average)
+RAW_WEIGHTS_KEY = "current_model_state"
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, raw_weights: bool = False) -> LoadedModel:
+    """Rebuild the network of a run folder or checkpoint file, strictly, in eval mode (channels-last memory,
+    faster convolutions on CPU and GPU alike; the values are the same).
+
+    ``raw_weights``: a checkpoint trained with ``train.ema`` holds the averaged weights (the default, what is
+    served) and the raw ones of the same step; this loads the raw ones (an ablation).
+    """
     from dermlab.models.factory import create_model
 
     path = resolve_checkpoint_path(path)
     checkpoint = _read_checkpoint(path)
+    if raw_weights:
+        if not isinstance(checkpoint.get(RAW_WEIGHTS_KEY), dict):
+            raise CheckpointError(f"{path}: holds one set of weights only (not trained with train.ema); there are no raw weights to load")
+        checkpoint["state_dict"] = checkpoint[RAW_WEIGHTS_KEY]
     meta = checkpoint["dermlab"]
     try:
         config = config_from_dict(meta["config"])
@@ -145,7 +159,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     model_config = config.model
     # the weights come from the checkpoint: never reach for the hub, a package or a weights file again
     try:
-        model = create_model(model_config, len(classes), load_weights=False)
+        if model_config.name == "ensemble":
+            from dermlab.models.ensemble import ensemble_from_metadata
+
+            model = ensemble_from_metadata(meta.get("ensemble"), len(classes), str(path))
+        else:
+            model = create_model(model_config, len(classes), load_weights=False)
     except (ConfigError, RuntimeError, ValueError) as error:
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: cannot rebuild {model_config.name!r} ({detail})") from None
@@ -155,6 +174,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except RuntimeError as error:
         raise CheckpointError(f"{path}: weights do not match {model_config.name} ({str(error).splitlines()[0]})") from None
     model.eval().to(map_location)
+    model.to(memory_format=torch.channels_last)
     extras = {k: v for k, v in meta.items() if k not in {"config", "classes", "preprocessing", "format_version"}}
     return LoadedModel(model, classes, preprocessing, config, path, extras)
 

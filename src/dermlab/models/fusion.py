@@ -258,8 +258,9 @@ def check_fusion_config(config: Config) -> None:
 
 
 def uses_metadata(model: nn.Module) -> bool:
-    """Whether ``model`` takes metadata beside the images (a :class:`MetadataFusionClassifier`)."""
-    return isinstance(model, MetadataFusionClassifier)
+    """Whether ``model`` takes metadata beside the images (a :class:`MetadataFusionClassifier`, or a model
+    that says so, as an ensemble with a fusion member does)."""
+    return isinstance(model, MetadataFusionClassifier) or bool(getattr(model, "takes_metadata", False))
 
 
 class MetadataFusionClassifier(DermClassifier):

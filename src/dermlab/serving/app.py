@@ -156,11 +156,15 @@ def create_app(
             probabilities, uncertain, reasons = result.probabilities[0], bool(result.uncertain[0]), result.reasons[0]
         else:  # a predictor without abstention support
             probabilities, uncertain, reasons = predictor.predict_images([image])[0], False, []
-        top = int(np.argmax(probabilities))
+        by_rule = _classes_by_rule(predictor, probabilities)
+        rule = getattr(predictor, "decision_rule", "argmax")
+        top = predictor.classes.index(by_rule[rule])
         return {
             "probabilities": {name: float(p) for name, p in zip(predictor.classes, probabilities)},
             "top_class": predictor.classes[top],
             "top_probability": float(probabilities[top]),
+            "decision_rule": rule,
+            "class_by_rule": by_rule,
             "uncertain": uncertain,
             "message": UNCERTAIN_MESSAGE if uncertain else None,
             "uncertain_reasons": reasons,
@@ -195,6 +199,14 @@ def create_app(
         return Response(content=png, media_type="image/png", headers={"X-Disclaimer": DISCLAIMER})
 
     return app
+
+
+def _classes_by_rule(predictor: Any, probabilities: np.ndarray) -> dict[str, str]:
+    """The class each decision rule of the run picks (``argmax``, and ``balanced`` when the run has one)."""
+    by_rule = getattr(predictor, "classes_by_rule", None)
+    if by_rule is None:  # a predictor without decision rules
+        return {"argmax": predictor.classes[int(np.argmax(probabilities))]}
+    return {rule: picked[0] for rule, picked in by_rule(probabilities).items()}
 
 
 def _metadata_answer(record: PatientMetadata | None) -> dict[str, Any]:

@@ -109,13 +109,14 @@ class Predictor:
         tta: TtaSetting = None,
         calibrated: bool = True,
         abstain: bool = True,
+        rule: str | None = None,
         batch_size: int = 32,
     ) -> None:
         self.loaded = loaded
         self._model = loaded.model.eval()
         self._device = next(iter(loaded.model.parameters()), torch.empty(0)).device
         behaviour = resolve_behaviour(
-            loaded.config.evaluation.tta, loaded.extras, str(loaded.path), tta=tta, calibrated=calibrated, abstain=abstain
+            loaded.config.evaluation.tta, loaded.extras, str(loaded.path), tta=tta, calibrated=calibrated, abstain=abstain, rule=rule
         )
         self._setup(
             classes=loaded.classes,
@@ -159,6 +160,20 @@ class Predictor:
     def abstention(self) -> AbstentionRule | None:
         return self.behaviour.abstention
 
+    @property
+    def decision_rule(self) -> str:
+        """The decision rule that picks the answer: ``argmax``, or ``balanced`` (the run's logit adjustment)."""
+        return self.behaviour.rule
+
+    def classes_by_rule(self, probabilities: np.ndarray) -> dict[str, list[str]]:
+        """The class each of the run's decision rules picks for probabilities ``(N, C)``: ``argmax``, and
+        ``balanced`` when the run has a fitted logit adjustment."""
+        prob = np.atleast_2d(np.asarray(probabilities, dtype=np.float64))
+        picks = {"argmax": prob.argmax(axis=1)}
+        if self.behaviour.decision is not None:
+            picks["balanced"] = self.behaviour.decision.predict(prob, "balanced")
+        return {rule: [self.classes[i] for i in chosen] for rule, chosen in picks.items()}
+
     # ------------------------------------------------------------------------------------------- construction
 
     @classmethod
@@ -170,13 +185,14 @@ class Predictor:
         tta: TtaSetting = None,
         calibrated: bool = True,
         abstain: bool = True,
+        rule: str | None = None,
         batch_size: int = 32,
     ) -> Predictor:
         """A predictor for a run folder or checkpoint (``engine="torch"``), or an ONNX export (``"onnx"``).
 
         With ``engine="onnx"``, ``path`` is a ``.onnx`` file or a run folder holding ``export/model.onnx``.
         """
-        options: dict[str, Any] = {"tta": tta, "calibrated": calibrated, "abstain": abstain, "batch_size": batch_size}
+        options: dict[str, Any] = {"tta": tta, "calibrated": calibrated, "abstain": abstain, "rule": rule, "batch_size": batch_size}
         if engine == "torch":
             from dermlab.models.checkpoint import load_checkpoint
 
@@ -381,6 +397,7 @@ class OnnxPredictor(Predictor):
         tta: TtaSetting = None,
         calibrated: bool = True,
         abstain: bool = True,
+        rule: str | None = None,
         batch_size: int = 32,
     ) -> None:
         import onnxruntime
@@ -409,7 +426,7 @@ class OnnxPredictor(Predictor):
         except (KeyError, TypeError, ValueError, ConfigError) as error:
             raise CheckpointError(f"{self.path}: damaged dermlab metadata ({error})") from None
         behaviour = resolve_behaviour(
-            metadata.get("tta_views") or [], metadata, str(self.path), tta=tta, calibrated=calibrated, abstain=abstain
+            metadata.get("tta_views") or [], metadata, str(self.path), tta=tta, calibrated=calibrated, abstain=abstain, rule=rule
         )
         self._setup(
             classes=classes,

@@ -48,6 +48,7 @@ from dermlab.data.preprocessing import Preprocessing
 from dermlab.errors import ConfigError
 from dermlab.losses.distillation import group_sample_masks, lfme_loss
 from dermlab.models.checkpoint import load_checkpoint, resolve_checkpoint_path
+from dermlab.models.fusion import uses_metadata
 from dermlab.training.curriculum import curriculum_ramp, instance_weights
 from dermlab.training.features import FeatureDataset, compute_features, load_or_compute_features
 from dermlab.training.module import ClassifierModule
@@ -230,7 +231,7 @@ def load_teachers(paths: Sequence[str | Path], student_classes: Sequence[str], m
     names: set[str] = set()
     for path in paths:
         loaded = load_checkpoint(path)
-        if getattr(loaded.config.model, "metadata_fusion", False):
+        if uses_metadata(loaded.model):
             raise ConfigError(f"teacher {path}: a teacher with metadata fusion is not supported; use an image-only run")
         name = _teacher_name(Path(path))
         if name in names:
@@ -256,6 +257,13 @@ def load_teachers(paths: Sequence[str | Path], student_classes: Sequence[str], m
     if uncovered and method == "lfme":
         log.warning("LFME: no expert covers class(es) %s; they learn from the labels only", ", ".join(uncovered))
     return teachers
+
+
+def _shares_backbone(first: nn.Module, second: nn.Module) -> bool:
+    """Whether two classifiers have one backbone (weights and statistics); never for an ensemble."""
+    if not (hasattr(first, "backbone") and hasattr(second, "backbone")):
+        return False
+    return _same_weights(first.backbone, second.backbone)
 
 
 def _same_weights(first: nn.Module, second: nn.Module) -> bool:
@@ -284,7 +292,7 @@ class TeacherBank:
         for index, teacher in enumerate(self.teachers):
             for family in self.families:
                 lead = self.teachers[family[0]]
-                if lead.preprocessing == teacher.preprocessing and _same_weights(lead.model.backbone, teacher.model.backbone):
+                if lead.preprocessing == teacher.preprocessing and _shares_backbone(lead.model, teacher.model):
                     family.append(index)
                     break
             else:
@@ -310,9 +318,7 @@ class TeacherBank:
 
     def shares_backbone(self, model: nn.Module, preprocessing: Preprocessing) -> bool:
         """Whether every teacher's backbone is ``model``'s (weights and BatchNorm statistics) with the same input."""
-        return all(
-            t.preprocessing == preprocessing and _same_weights(t.model.backbone, model.backbone) for t in self.teachers
-        )
+        return all(t.preprocessing == preprocessing and _shares_backbone(t.model, model) for t in self.teachers)
 
     def logits(self, inputs: torch.Tensor) -> list[torch.Tensor]:
         """Each teacher's logits on a batch normalised for the student (ordinary tensors, no graph)."""
@@ -327,6 +333,9 @@ class TeacherBank:
             if lead.model.training:  # Lightning never reaches these modules, but a caller might have
                 lead.model.eval()
             converted = convert_normalisation(inputs, self.student_preprocessing, lead.preprocessing)
+            if not hasattr(lead.model, "forward_features"):  # an ensemble: the log of its members' mean probabilities
+                outputs[family[0]] = lead.model(converted).float()
+                continue
             pooled = lead.model.forward_features(converted)
             for index in family:
                 outputs[index] = self.teachers[index].model.forward_head(pooled).float()

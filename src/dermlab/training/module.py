@@ -13,7 +13,29 @@ from torchmetrics.classification import MulticlassAUROC, MulticlassStatScores
 
 from dermlab.data.datamodule import draw_seed
 
-__all__ = ["ClassifierModule", "cosine_with_warmup"]
+__all__ = ["ClassifierModule", "cosine_with_warmup", "parameter_groups"]
+
+
+def parameter_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: the trainable parameters, with layer-wise learning-rate decay.
+
+    ``layer_decay < 1`` (timm's ``param_groups_layer_decay`` over the backbone's own layer groups): the top
+    layer group of ``model.backbone`` trains at ``lr``, each one below at ``layer_decay`` times the one above;
+    everything outside the backbone (head, metadata encoder) at ``lr``. Every group keeps ``weight_decay``.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    backbone = getattr(model, "backbone", None)
+    if layer_decay >= 1.0 or backbone is None or not hasattr(backbone, "group_matcher"):
+        return [{"params": trainable, "lr": lr, "weight_decay": weight_decay}]
+    from timm.optim import param_groups_layer_decay
+
+    groups = param_groups_layer_decay(backbone, weight_decay=weight_decay, weight_decay_exclude_1d=False, layer_decay=layer_decay)
+    in_backbone = {id(p) for p in backbone.parameters()}
+    rest = [p for p in trainable if id(p) not in in_backbone]
+    out = [{"params": g["params"], "lr": lr * g.get("lr_scale", 1.0), "weight_decay": weight_decay} for g in groups if g["params"]]
+    if rest:
+        out.append({"params": rest, "lr": lr, "weight_decay": weight_decay})
+    return out
 
 
 def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -53,6 +75,7 @@ class ClassifierModule(L.LightningModule):
         frozen_backbone: bool = False,
         epoch_offset: int = 0,
         feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        layer_decay: float = 1.0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -71,6 +94,7 @@ class ClassifierModule(L.LightningModule):
         self.metadata = metadata or {}
         self.frozen_backbone = frozen_backbone
         self.epoch_offset = epoch_offset  # stage 2 continues the epoch count of stage 1 in the logs
+        self.layer_decay = layer_decay
         num_classes = len(self.classes)
         self.val_stats = MulticlassStatScores(num_classes=num_classes, average=None)
         self.val_auroc = MulticlassAUROC(num_classes=num_classes, average=None)
@@ -155,7 +179,7 @@ class ClassifierModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        parameters = parameter_groups(self.model, self.lr, self.weight_decay, self.layer_decay)
         if self.optimizer_name == "adam":
             optimizer = torch.optim.Adam(parameters, lr=self.lr, weight_decay=self.weight_decay)
         else:

@@ -38,6 +38,7 @@ from dermlab.models.factory import create_model, resolve_preprocessing
 from dermlab.models.freezing import freeze_backbone, unfreeze_last_blocks
 from dermlab.models.fusion import check_fusion_config, encode_metadata
 from dermlab.training.curriculum import create_curriculum_sampler
+from dermlab.training.ema import RunSizedEMA
 from dermlab.training.distillation import Distillation, create_distillation
 from dermlab.training.checkpoint_io import AtomicCheckpointIO, LastCheckpoint, remove_stale_temporaries
 from dermlab.training.features import FeatureDataset, ViewCyclingSampler, compute_features, load_or_compute_features
@@ -287,11 +288,12 @@ def train_run(config: Config, run_dir: str | Path, resume: bool = False) -> Trai
         elif done is None:
             module = _training_module(
                 distill, model, loss, data.classes, lr=config.train.stage2_lr, epoch_offset=config.train.stage1_epochs,
-                **module_kwargs, **_mixing(config, len(data.classes)),
+                layer_decay=config.train.layer_decay, **module_kwargs, **_mixing(config, len(data.classes)),
             )
             batch_size = config.train.stage2_batch_size or config.data.batch_size
             datamodule = _datamodule(config, data, train_transform, eval_transform, train_labels, batch_size, epoch_offset=config.train.stage1_epochs)
-            trainer = _make_trainer(config, stage2_dir, config.train.stage2_epochs, loggers, [])
+            averaging = [RunSizedEMA(config.train.ema_half_life)] if config.train.ema else []
+            trainer = _make_trainer(config, stage2_dir, config.train.stage2_epochs, loggers, averaging)
             trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(stage2_dir, resume))
             done = _finish_stage(trainer, stage2_dir)
         if done.get("best_score") is not None:

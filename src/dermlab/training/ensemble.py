@@ -1,0 +1,72 @@
+"""Making an ensemble run folder from trained runs (``dermlab ensemble``).
+
+The folder is an ordinary run folder: ``config.yaml`` (the first member's, with ``model.name: ensemble``),
+``classes.json``, the members' shared ``splits.csv``, ``lineage.json`` and ``checkpoints/best.ckpt`` holding an
+:class:`~dermlab.models.ensemble.EnsembleClassifier`; ``summarise_run`` then scores it like any run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from dermlab.config import Config, save_config
+from dermlab.errors import ConfigError, DataError
+from dermlab.io import atomic_write_bytes, atomic_write_json
+from dermlab.models.checkpoint import load_checkpoint, resolve_checkpoint_path, save_checkpoint
+from dermlab.models.ensemble import ENSEMBLE_NAME, EnsembleClassifier, member_entry
+
+__all__ = ["EnsembleRun", "create_ensemble_run"]
+
+
+@dataclass
+class EnsembleRun:
+    config: Config
+    members: list[str]
+    member_wall_times: list[float]
+
+
+def _run_dir(path: str | Path) -> Path:
+    checkpoint = resolve_checkpoint_path(path)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def create_ensemble_run(runs: list[str], out: str | Path) -> EnsembleRun:
+    """Write the ensemble of ``runs`` into ``out`` (see the module docstring); it is not scored here."""
+    out = Path(out)
+    if (out / "checkpoints").exists() or (out / "config.yaml").exists():
+        raise ConfigError(f"{out}: this folder already holds a run; pick a new --out")
+    loaded = [load_checkpoint(path) for path in runs]
+    run_dirs = [_run_dir(path) for path in runs]
+    classes = loaded[0].classes
+    for path, member in zip(runs, loaded):
+        if member.classes != classes:
+            raise DataError(f"{path}: classes {member.classes} differ from {runs[0]}'s {classes}; an ensemble needs the same classes in the same order")
+    splits = [run_dir / "splits.csv" for run_dir in run_dirs]
+    for path, split in zip(runs, splits):
+        if not split.is_file():
+            raise DataError(f"{path}: no splits.csv beside the checkpoint, so it cannot be checked that no member trained on another's test images")
+    if any(split.read_bytes() != splits[0].read_bytes() for split in splits[1:]):
+        different = next(path for path, split in zip(runs, splits) if split.read_bytes() != splits[0].read_bytes())
+        raise DataError(f"{different}: its splits.csv differs from {runs[0]}'s; members trained on other splits may have seen each other's test images")
+    entries = [member_entry(str(path), member) for path, member in zip(runs, loaded)]
+    model = EnsembleClassifier([m.model for m in loaded], [m.preprocessing for m in loaded], [e["temperature"] for e in entries])
+    first = loaded[0].config
+    config = replace(first, model=replace(first.model, name=ENSEMBLE_NAME, weights="none", pretrained=False))
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    atomic_write_json(out / "classes.json", classes)
+    atomic_write_bytes(out / "splits.csv", splits[0].read_bytes())
+    wall_times = [_wall_time(run_dir) for run_dir in run_dirs]
+    atomic_write_json(out / "lineage.json", {"made_with": "dermlab ensemble", "members": [str(p) for p in runs], "member_wall_time_s": wall_times})
+    save_checkpoint(out / "checkpoints" / "best.ckpt", model, config, classes, loaded[0].preprocessing, ensemble={"members": entries})
+    return EnsembleRun(config=config, members=[str(p) for p in runs], member_wall_times=wall_times)
+
+
+def _wall_time(run_dir: Path) -> float:
+    """A member's recorded wall time (``metrics.json``), 0 when it has none."""
+    try:
+        return float(json.loads((run_dir / "metrics.json").read_text()).get("wall_time_s") or 0.0)
+    except (OSError, ValueError, AttributeError):
+        return 0.0
