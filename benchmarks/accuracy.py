@@ -1,101 +1,327 @@
-"""Accuracy on real dermoscopy, from scratch: the default recipe against reference A rebuilt and ablations.
+"""Accuracy on real dermoscopy, side by side: dermlab's default recipe against the plain timm peer and ablations.
 
     nice .venv/bin/python benchmarks/accuracy.py --data ../shared/data/HAM10000 --out runs/ham10000
 
-Trains every run of ``configs/grids/accuracy.yaml`` (``--grid``) through ``dermlab experiment`` on one shared
-lesion-disjoint split (made by the first run, seed 42), so runs that share a backbone, preprocessing and
-augmentation share their cached features. Finished runs are skipped: the command continues where it stopped.
-Then prints and writes one table (test split): accuracy, balanced accuracy, macro AUC, melanoma sensitivity at
-80% specificity, macro F1, the recall of every class and each run's wall time, the issue-12 targets against the
-default recipe, and the split's class counts. ``--quick`` does the same on synthetic images with a tiny model.
+One command, one lesion-disjoint split (``OUT/splits.csv``, made first with ``dermlab split``, seed 42, 6:2:2):
 
-Writes ``benchmarks/results/accuracy.json`` (or ``--grid``'s name) and ``OUT/<grid name>.md``.
+1. the peer, ``../shared/baselines/plain_timm_finetune.py`` (never edited), run as a child process on that
+   ``splits.csv`` (``--peer-seeds`` seeds, ``OUT/peer-seed<S>``);
+2. every run of ``configs/grids/accuracy.yaml`` (``--grid``) through ``dermlab experiment`` (the default recipe,
+   its second seed, the old default, reference A rebuilt, ablations that need their own training);
+3. the ablations that need no training, scored from the default run's own checkpoint with ``dermlab
+   evaluate``: no TTA (identity view), no logit adjustment (argmax rule), no EMA (the raw weights of the same
+   run, ``checkpoints/raw.ckpt``).
+
+Every row is scored by the same code on the test split: accuracy (argmax rule), balanced accuracy (the run's
+balanced rule where it has one, else argmax), macro AUC, melanoma sensitivity at 80% specificity, macro F1,
+each with a 95% bootstrap interval over the test split's lesions (1,000 resamples, seed 0), the recall of every
+class and each row's wall time (the whole run as a user waits for it: training and the final evaluation for
+dermlab, training, loading and prediction for the peer; and the training alone); then the
+paired lesion-bootstrap differences of the default from the peer (same resamples for both). Finished
+rows are skipped, so the command continues where it stopped; a row skipped as finished keeps its wall time.
+``--quick`` does the same on synthetic images with a tiny model and a 1-epoch peer on 24 images (smoke test).
+
+Writes ``benchmarks/results/accuracy.json`` (``--quick``: ``accuracy-quick.json``) and ``OUT/accuracy.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_grid_arguments, print_table, resolve_grid, run_grid, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = {"accuracy": 0.85, "balanced_accuracy": 0.75, "auc_macro": 0.95, "mel_sensitivity_at_80_spec": 0.80}
+PEER = ROOT.parent / "shared" / "baselines" / "plain_timm_finetune.py"
+HEADLINE = ["accuracy", "balanced_accuracy", "auc_macro", "mel_sensitivity_at_80_spec"]
+TARGETS = {"accuracy": 0.85, "balanced_accuracy": 0.75, "auc_macro": 0.965, "mel_sensitivity_at_80_spec": 0.85}
+#: the ablations scored from the default run's own checkpoint: row name -> ``dermlab evaluate`` options
+EVALUATED_ABLATIONS = {
+    "default, no TTA": ["--tta-views", "identity"],
+    "default, no EMA (raw weights)": ["--weights", "raw"],
+}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_grid_arguments(parser, ROOT / "configs" / "grids" / "accuracy.yaml")
+    parser.add_argument("--peer", type=Path, default=PEER, help=f"the peer script (default {PEER})")
+    parser.add_argument("--peer-seeds", type=int, nargs="*", default=[0, 1], help="seeds of the peer (default 0 1; none: no peer)")
+    parser.add_argument("--peer-epochs", type=int, default=6, help="the peer's epochs (default 6, its own default)")
     args = parser.parse_args()
     grid_path = resolve_grid(parser, args)
-    names = run_grid(grid_path, args.data, args.out, args.only)
-    rows = [_row(args.out / name) for name in names]
-    counts = _class_counts(args.out, args.data)
-    header = ["run", "accuracy", "balanced acc", "macro AUC", "mel sens @80% spec", "macro F1", "wall min"]
-    print_table(
-        f"test split ({args.out})",
-        [[r["run"], r["accuracy"], r["balanced_accuracy"], r["auc_macro"], r["mel_sensitivity_at_80_spec"], r["f1_macro"], r["wall_min"]] for r in rows],
-        header,
-    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    splits = _ensure_splits(args.data, args.out)
+    wanted = set(args.only) if args.only else None
+
+    peer_rows = []
+    for seed in args.peer_seeds:
+        name = f"peer-seed{seed}"
+        if wanted is None or name in wanted:
+            peer_rows.append(_peer_row(args, name, seed, splits))
+    names = [entry for entry in _grid_names(grid_path) if wanted is None or entry in wanted]
+    if names:
+        run_grid(grid_path, args.data, args.out, names)
+    rows = peer_rows + [_run_row(args.out / name, splits) for name in names]
+    if "default" in names:
+        default = next(r for r in rows if r["run"] == "default")
+        rows.append({**default, "run": "default, no logit adjustment (argmax rule)", "balanced_accuracy": default["balanced_accuracy_argmax"],
+                     "recall_balanced_rule": default["recall"], "wall_min": "(same run)", "train_min": ""})
+        rows += [_evaluated_ablation(args.out / "default", label, options, splits) for label, options in EVALUATED_ABLATIONS.items()]
+
+    counts = _class_counts(splits)
     classes = list(counts.columns)
-    print_table("test recall per class", [[r["run"], *[r["recall"].get(c, float("nan")) for c in classes]] for r in rows], ["run", *classes])
-    targets = {}
-    default = next((r for r in rows if r["run"] == "default"), None)
-    if default is not None:
-        targets = {key: {"value": default[key], "target": goal, "met": bool(default[key] >= goal)} for key, goal in TARGETS.items()}
-        print_table("targets (default recipe)", [[k, v["value"], f">= {v['target']}", "met" if v["met"] else "MISSED"] for k, v in targets.items()], ["metric", "value", "target", ""])
+    _print_rows(rows, classes)
+    targets = _targets(rows)
+    paired = _paired_against_peer(rows)
+    for pair, figures in paired.items():
+        print_table(f"paired differences {pair} (95% lesion-bootstrap interval; * excludes 0)",
+                    [[k, f"{v['difference']:+.3f}" if v["difference"] is not None else "-", f"[{v['interval'][0]:+.3f}, {v['interval'][1]:+.3f}]" if v["interval"] else "-", "*" if v["significant"] else ""] for k, v in figures.items() if k != "images"],
+                    ["metric", "difference", "interval", ""])
     print_table("images per split and class", [[split, *row.tolist()] for split, row in counts.iterrows()], ["split", *classes])
-    markdown = _markdown(rows, classes, counts, targets)
+    markdown = _markdown(rows, classes, counts, targets, paired)
     (args.out / f"{grid_path.stem}.md").write_text(markdown)
     print(f"\nwrote {args.out / (grid_path.stem + '.md')}")
-    write_results(args.grid.stem, args, {"runs": rows, "targets": targets, "class_counts": counts.to_dict()})
+    write_results(args.grid.stem, args, {"runs": rows, "targets": targets, "paired_against_peer": paired, "class_counts": counts.to_dict()})
     return 0
 
 
-def _row(run_dir: Path) -> dict[str, Any]:
+# --------------------------------------------------------------------------------------------- the split
+def _ensure_splits(data: str, out: Path) -> Path:
+    """``OUT/splits.csv``, made with ``dermlab split`` when missing, so the peer and every run share it."""
+    splits = out / "splits.csv"
+    if not splits.is_file():
+        command = [sys.executable, "-m", "dermlab", "split", str(data), "--out", str(out)]
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, check=True, cwd=ROOT)
+    return splits
+
+
+def _grid_names(grid_path: Path) -> list[str]:
+    import yaml
+
+    return [entry["name"] for entry in yaml.safe_load(grid_path.read_text())["runs"]]
+
+
+# --------------------------------------------------------------------------------------------- the peer
+def _peer_row(args: argparse.Namespace, name: str, seed: int, splits: Path) -> dict[str, Any]:
+    """Run the peer (unless it finished on this very ``splits.csv``) and score its test predictions."""
+    out = args.out / name
+    digest = _file_digest(splits)
+    done = out / "benchmark.json"
+    if done.is_file() and json.loads(done.read_text()).get("splits_sha256") == digest:
+        print(f"[{name}] already finished on this splits.csv, skipped", flush=True)
+    else:
+        command = [sys.executable, str(args.peer), "--splits", str(splits), "--out", str(out), "--seed", str(seed), "--epochs", str(args.peer_epochs)]
+        if args.quick:
+            command += ["--limit", "24", "--epochs", "1", "--size", "32", "32"]
+        print("$", " ".join(command), flush=True)
+        started = time.perf_counter()
+        subprocess.run(command, check=True, cwd=ROOT)
+        wall = time.perf_counter() - started
+        done.write_text(json.dumps({"splits_sha256": digest, "wall_time_s": round(wall, 1), "command": command}, indent=1))
+    record = json.loads(done.read_text())
+    predictions = pd.read_csv(out / "test_predictions.csv")
+    classes = [c for c in predictions.columns if c not in ("image_id", "label")]
+    groups = _groups_of(predictions["image_id"], splits)
+    truth = predictions["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    prob = predictions[classes].to_numpy(dtype=float)
+    peer_metrics = json.loads((out / "metrics.json").read_text())
+    row = _score(name, truth, prob, classes, groups, balanced_prob=None, image_ids=predictions["image_id"])
+    row.update(wall_min=round(record["wall_time_s"] / 60, 1), train_min=round(peer_metrics["train_seconds"] / 60, 1), rule="argmax", tta="hflip")
+    return row
+
+
+def _groups_of(image_ids: pd.Series, splits: Path) -> np.ndarray:
+    frame = pd.read_csv(splits)
+    group = dict(zip(frame["image_id"].astype(str), frame["group"].astype(str)))
+    return image_ids.astype(str).map(group).fillna(image_ids.astype(str)).to_numpy()
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- dermlab rows
+def _run_row(run_dir: Path, splits: Path, eval_dir: Path | None = None, name: str | None = None) -> dict[str, Any]:
+    """A dermlab run's row, scored from its test predictions (``eval_dir``: another evaluation of it)."""
+    from dermlab.evaluation.decision import balanced_probabilities
+
+    predictions = pd.read_csv((eval_dir or run_dir / "eval" / "test") / "predictions.csv")
+    classes = json.loads((run_dir / "classes.json").read_text())
+    truth = predictions["true"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    prob = predictions[[f"prob_{c}" for c in classes]].to_numpy(dtype=float)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    test = metrics["test"]
-    target = test.get("target") or {}
-    sensitivity = (target.get("sensitivity_at_specificity") or {}).get("sensitivity", float("nan"))
+    rule = metrics.get("decision") or {}
+    balanced = balanced_probabilities(prob, rule.get("tau"), rule.get("class_prior")) if rule.get("tau") is not None else None
+    row = _score(name or run_dir.name, truth, prob, classes, _groups_of(predictions["image_id"], splits), balanced_prob=balanced,
+                 image_ids=predictions["image_id"] if eval_dir is None else None)
+    train = metrics.get("wall_time_s", float("nan"))  # dermlab experiment records training, caches included
+    # the whole command, training and the final evaluation on val and test: config.yaml is written when training
+    # starts, metrics.json when the evaluation ends (file times; copied runs keep theirs)
+    wall = (run_dir / "metrics.json").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
+    row.update(wall_min=round(wall / 60, 1), train_min=round(train / 60, 1), rule="argmax / balanced (tau {:.2f})".format(rule["tau"]) if balanced is not None else "argmax", tta=",".join((metrics["test"].get("tta") or {}).get("views", []) or ["identity"]) if isinstance(metrics["test"].get("tta"), dict) else metrics["test"].get("tta"))
+    return row
+
+
+def _evaluated_ablation(run_dir: Path, label: str, options: list[str], splits: Path) -> dict[str, Any]:
+    """``dermlab evaluate RUN OPTIONS`` into ``RUN/eval/<slug>`` (once), scored as a row."""
+    slug = "ablation-" + "".join(ch if ch.isalnum() else "-" for ch in label.split(",", 1)[1].strip()).strip("-")
+    out = run_dir / "eval" / slug
+    if not (out / "metrics.json").is_file():
+        command = [sys.executable, "-m", "dermlab", "evaluate", str(run_dir), "--split", "test", "--out", str(out), *options]
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, check=True, cwd=ROOT)
+    row = _run_row(run_dir, splits, eval_dir=out, name=label)
+    row["wall_min"], row["train_min"] = "(same run)", ""
+    return row
+
+
+# --------------------------------------------------------------------------------------------- scoring
+#: each scored row's test predictions, by row name: (image ids, classes, truth, probabilities, balanced-rule probabilities)
+_PREDICTIONS: dict[str, tuple[np.ndarray, list[str], np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def _paired_against_peer(rows: list[dict[str, Any]], runs: tuple[str, ...] = ("default",), peer: str = "peer-seed0") -> dict[str, Any]:
+    """Paired lesion-bootstrap differences ``run - peer`` of the headline figures on the same test images.
+
+    Balanced accuracy compares the run's balanced rule with the peer's argmax (the peer has one rule); the other
+    figures compare argmax with argmax. Rows align by image id; the peer's class columns are put in dermlab's order.
+    """
+    from dermlab.evaluation.bootstrap import paired_bootstrap
+
+    if peer not in _PREDICTIONS:
+        return {}
+    out = {}
+    for name in runs:
+        if name not in _PREDICTIONS:
+            continue
+        ids, classes, truth, prob, balanced = _PREDICTIONS[name]
+        peer_ids, peer_classes, _, peer_prob, _ = _PREDICTIONS[peer]
+        shared = np.isin(ids, peer_ids)  # the images both scored (all of them, unless the peer ran with --limit)
+        if shared.sum() < 2:
+            continue
+        ids, truth, prob, balanced, groups = ids[shared], truth[shared], prob[shared], balanced[shared], _GROUPS[name][shared]
+        order = pd.Series(range(len(peer_ids)), index=peer_ids).reindex(ids)
+        aligned = peer_prob[order.to_numpy(dtype=int)][:, [peer_classes.index(c) for c in classes]]
+        argmax = paired_bootstrap(truth, aligned, prob, classes, groups, resamples=1000, seed=0, target_class="mel" if "mel" in classes else None)
+        rule = paired_bootstrap(truth, aligned, balanced, classes, groups, resamples=1000, seed=0)
+        keys = {"accuracy": argmax["accuracy"], "balanced_accuracy": rule["balanced_accuracy"], "auc_macro": argmax["auc_macro"],
+                "f1_macro": argmax["f1_macro"]}
+        if "sensitivity_at_specificity_mel" in argmax:
+            keys["mel_sensitivity_at_80_spec"] = argmax["sensitivity_at_specificity_mel"]
+        out[f"{name} - {peer}"] = {"images": int(shared.sum())} | {k: {"difference": round(v["difference"], 4) if v["difference"] is not None else None,
+                                       "interval": [round(x, 4) for x in v["interval"]] if v["interval"] else None,
+                                       "significant": v["significant"]} for k, v in keys.items()}
+    return out
+
+
+_GROUPS: dict[str, np.ndarray] = {}
+
+
+def _score(name: str, truth: np.ndarray, prob: np.ndarray, classes: list[str], groups: np.ndarray, balanced_prob: np.ndarray | None, image_ids: Any = None) -> dict[str, Any]:
+    """The headline figures with 95% lesion-bootstrap intervals; balanced accuracy from ``balanced_prob``'s argmax."""
+    from dermlab.evaluation.bootstrap import bootstrap_intervals
+    from dermlab.evaluation.metrics import compute_metrics
+
+    if image_ids is not None:
+        _PREDICTIONS[name] = (np.asarray(image_ids).astype(str), list(classes), truth, prob, prob if balanced_prob is None else balanced_prob)
+        _GROUPS[name] = groups
+
+    def figures(p: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
+        metrics = compute_metrics(truth, p, classes, target_class="mel" if "mel" in classes else None)
+        intervals = bootstrap_intervals(truth, p, classes, groups, resamples=1000, seed=0, target_class="mel" if "mel" in classes else None)["intervals"]
+        return metrics, intervals
+
+    metrics, intervals = figures(prob)
+    bal_metrics, bal_intervals = (metrics, intervals) if balanced_prob is None else figures(balanced_prob)
+    sensitivity = ((metrics.get("target") or {}).get("sensitivity_at_specificity") or {}).get("sensitivity", float("nan"))
+
+    def cell(value: float, interval: list[float] | None) -> dict[str, Any]:
+        return {"value": round(float(value), 4), "ci": [round(float(x), 4) for x in interval] if interval else None}
+
     return {
-        "run": run_dir.name,
-        "accuracy": round(test["accuracy"], 4),
-        "balanced_accuracy": round(test["balanced_accuracy"], 4),
-        "auc_macro": round(test["auc_macro"], 4),
-        "mel_sensitivity_at_80_spec": round(sensitivity, 4),
-        "f1_macro": round(test["f1_macro"], 4),
-        "recall": {name: round(values["recall"], 3) for name, values in test["per_class"].items()},
-        "tta": test.get("tta"),
-        "wall_min": round(metrics.get("wall_time_s", float("nan")) / 60, 1),
+        "run": name,
+        "accuracy": cell(metrics["accuracy"], intervals.get("accuracy")),
+        "balanced_accuracy": cell(bal_metrics["balanced_accuracy"], bal_intervals.get("balanced_accuracy")),
+        "balanced_accuracy_argmax": cell(metrics["balanced_accuracy"], intervals.get("balanced_accuracy")),
+        "auc_macro": cell(metrics["auc_macro"], intervals.get("auc_macro")),
+        "mel_sensitivity_at_80_spec": cell(sensitivity, intervals.get("sensitivity_at_specificity_mel")),
+        "f1_macro": cell(metrics["f1_macro"], intervals.get("f1_macro")),
+        "recall": {c: _rounded(v["recall"]) for c, v in metrics["per_class"].items()},
+        "recall_balanced_rule": {c: _rounded(v["recall"]) for c, v in bal_metrics["per_class"].items()},
     }
 
 
-def _class_counts(out: Path, data: str) -> pd.DataFrame:
-    from dermlab.data.datasets import load_dataset
-
-    table = load_dataset(data)
-    splits = pd.read_csv(out / "splits.csv")
-    frame = table.frame.merge(splits[["image_id", "split"]], on="image_id")
-    counts = pd.crosstab(frame["split"], frame["label"]).reindex(columns=table.classes, fill_value=0)
-    return counts.reindex(["train", "val", "test"]).fillna(0).astype(int)
+def _rounded(value: float | None) -> float:
+    """A recall to 3 places; NaN for a class absent from the split (no recall)."""
+    return float("nan") if value is None else round(float(value), 3)
 
 
-def _markdown(rows: list[dict[str, Any]], classes: list[str], counts: pd.DataFrame, targets: dict[str, Any]) -> str:
-    lines = ["| run | accuracy | balanced accuracy | macro AUC | mel sensitivity @ 80% spec | macro F1 | " + " | ".join(f"recall {c}" for c in classes) + " | wall (min) |"]
-    lines.append("|---" * (7 + len(classes)) + "|")
+def _class_counts(splits: Path) -> pd.DataFrame:
+    frame = pd.read_csv(splits)
+    counts = pd.crosstab(frame["split"], frame["label"])
+    order = counts.loc[["train"]].iloc[0].sort_values(ascending=False).index.tolist() if "train" in counts.index else list(counts.columns)
+    return counts.reindex(index=["train", "val", "test"], columns=order).fillna(0).astype(int)
+
+
+def _targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    default = next((r for r in rows if r["run"] == "default"), None)
+    peers = [r for r in rows if r["run"].startswith("peer")]
+    if default is None:
+        return {}
+    out = {}
+    for key, goal in TARGETS.items():
+        value = default[key]["value"]
+        out[key] = {"value": value, "target": goal, "met": bool(value >= goal)}
+        if peers:
+            out[key]["peer"] = peers[0][key]["value"]
+            out[key]["ahead_of_peer"] = bool(value > peers[0][key]["value"])
+    return out
+
+
+def _fmt(cell: Any) -> str:
+    if isinstance(cell, dict):
+        text = f"{cell['value']:.3f}"
+        return text + (f" [{cell['ci'][0]:.3f}, {cell['ci'][1]:.3f}]" if cell.get("ci") else "")
+    return str(cell)
+
+
+def _print_rows(rows: list[dict[str, Any]], classes: list[str]) -> None:
+    keys = [*HEADLINE, "f1_macro"]
+    print_table("test split: figures with 95% lesion-bootstrap intervals", [[r["run"], *(_fmt(r[k]) for k in keys), r["wall_min"], r.get("train_min", "")] for r in rows], ["run", "accuracy", "balanced acc", "macro AUC", "mel sens @80% spec", "macro F1", "wall min", "train min"])
+    print_table("test recall per class (argmax rule)", [[r["run"], *[r["recall"].get(c, float("nan")) for c in classes]] for r in rows], ["run", *classes])
+
+
+def _markdown(rows: list[dict[str, Any]], classes: list[str], counts: pd.DataFrame, targets: dict[str, Any], paired: dict[str, Any] | None = None) -> str:
+    head = "| run | accuracy | balanced accuracy | macro AUC | mel sensitivity @ 80% spec | macro F1 | wall (min) | train (min) |"
+    lines = [head, "|---" * 8 + "|"]
     for r in rows:
-        cells = [r["run"], *(f"{r[k]:.3f}" for k in ("accuracy", "balanced_accuracy", "auc_macro", "mel_sensitivity_at_80_spec", "f1_macro"))]
-        cells += [f"{r['recall'].get(c, float('nan')):.3f}" for c in classes] + [f"{r['wall_min']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([r["run"], *(_fmt(r[k]) for k in [*HEADLINE, "f1_macro"]), str(r["wall_min"]), str(r.get("train_min", ""))]) + " |")
+    lines += ["", "| recall (argmax rule) | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    lines += ["| " + " | ".join([r["run"], *(f"{r['recall'].get(c, float('nan')):.3f}" for c in classes)]) + " |" for r in rows]
     if targets:
-        lines += ["", "| target (default recipe) | value | goal | |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v['value']:.3f} | >= {v['target']} | {'met' if v['met'] else 'missed'} |" for k, v in targets.items()]
+        lines += ["", "| target (default recipe) | value | goal | | peer | ahead of peer |", "|---|---|---|---|---|---|"]
+        for key, value in targets.items():
+            lines.append(f"| {key} | {value['value']:.3f} | >= {value['target']} | {'met' if value['met'] else 'missed'} | {value.get('peer', '')} | {value.get('ahead_of_peer', '')} |")
+    for pair, figures in (paired or {}).items():
+        lines += ["", f"| paired difference, {pair} ({figures['images']} images) | difference | 95% interval | excludes 0 |", "|---|---|---|---|"]
+        for key, value in figures.items():
+            if key == "images":
+                continue
+            interval = f"[{value['interval'][0]:+.3f}, {value['interval'][1]:+.3f}]" if value["interval"] else "-"
+            difference = f"{value['difference']:+.3f}" if value["difference"] is not None else "-"
+            lines.append(f"| {key} | {difference} | {interval} | {'yes' if value['significant'] else 'no'} |")
     lines += ["", "| split | " + " | ".join(classes) + " | total |", "|---" * (len(classes) + 2) + "|"]
     for split, row in counts.iterrows():
         lines.append(f"| {split} | " + " | ".join(str(int(v)) for v in row) + f" | {int(row.sum())} |")

@@ -40,6 +40,10 @@ def test_every_grid_run_resolves_to_a_valid_config() -> None:
     assert names["accuracy/reference_a"].data.augmentation == "reference-a"
     assert names["accuracy/reference_a"].model.input_size == [224, 224]
     assert names["accuracy/default"].model.input_size != [224, 224]
+    # the default fine-tunes the whole network with EMA; the old default is the cached-trunk recipe it replaced
+    assert names["accuracy/default"].train.ema and names["accuracy/default"].train.unfreeze == "all"
+    assert names["accuracy/old_default"].train.stage2_cached_views == 4 and not names["accuracy/old_default"].train.ema
+    assert names["accuracy/default-seed2"].train.seed != names["accuracy/default"].train.seed
     assert names["robustness/color_constancy"].model.color_constancy == "shades_of_gray"
     assert names["imbalance/cutmix_weighted_ce"].mixing.method == "cutmix"
     assert names["imbalance/cutmix_weighted_ce"].loss.name == "weighted_cross_entropy"
