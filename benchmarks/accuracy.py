@@ -56,10 +56,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_grid_arguments(parser, ROOT / "configs" / "grids" / "accuracy.yaml")
     parser.add_argument("--peer", type=Path, default=PEER, help=f"the peer script (default {PEER})")
-    parser.add_argument("--peer-seeds", type=int, nargs="*", default=[0, 1], help="seeds of the peer (default 0 1; none: no peer)")
+    parser.add_argument(
+        "--peer-seeds", type=int, nargs="*", default=None,
+        help="seeds of the peer (default: 0 1 with the accuracy grid, none with another --grid; no values: no peer)",
+    )
     parser.add_argument("--peer-epochs", type=int, default=6, help="the peer's epochs (default 6, its own default)")
     args = parser.parse_args()
     grid_path = resolve_grid(parser, args)
+    if args.peer_seeds is None:
+        args.peer_seeds = [0, 1] if args.grid.stem == "accuracy" else []
     args.out.mkdir(parents=True, exist_ok=True)
     splits = _ensure_splits(args.data, args.out)
     wanted = set(args.only) if args.only else None
