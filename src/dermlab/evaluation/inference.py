@@ -67,9 +67,7 @@ class InferenceBehaviour:
             reasons = self.abstention.reasons(scores)
         else:
             scores, reasons = {}, [[] for _ in range(count)]
-        by_rule = {"argmax": probabilities.argmax(axis=1) if count else np.zeros(0, dtype=np.int64)}
-        if self.decision is not None:
-            by_rule["balanced"] = self.decision.predict(probabilities, "balanced") if count else np.zeros(0, dtype=np.int64)
+        by_rule = self.choices(probabilities)
         return Decisions(
             probabilities=probabilities,
             predicted=by_rule[self.rule],
@@ -79,6 +77,18 @@ class InferenceBehaviour:
             rule=self.rule,
             by_rule=by_rule,
         )
+
+    def choices(self, probabilities: np.ndarray) -> dict[str, np.ndarray]:
+        """The class index each rule of the run picks for probabilities ``(N, C)``: ``argmax``, and ``balanced``
+        when the run has a fitted logit adjustment."""
+        probabilities = np.asarray(probabilities)
+        if not len(probabilities):
+            empty = np.zeros(0, dtype=np.int64)
+            return {"argmax": empty} | ({"balanced": empty} if self.decision is not None else {})
+        picks = {"argmax": probabilities.argmax(axis=1)}
+        if self.decision is not None:
+            picks["balanced"] = self.decision.predict(probabilities, "balanced")
+        return picks
 
     def describe(self) -> str:
         """One line, e.g. ``TTA views: identity, hflip; temperature 1.31; abstention rule on; decision rule argmax``."""

@@ -18,6 +18,7 @@ from dermlab.evaluation.abstention import AbstentionRule, fit_abstention, synthe
 from dermlab.evaluation.bootstrap import sensitivity_key
 from dermlab.evaluation.decision import DecisionRule, checkpoint_decision, fit_tau
 from dermlab.evaluation.evaluate import (
+    _nll,
     predict_image_logits,
     predict_view_logits,
     resolve_abstention,
@@ -218,7 +219,7 @@ def _choose_tta_on_val(
     for candidate in candidates:
         picked = all_logits[[union.index(view) for view in candidate]]
         probabilities = average_probabilities(picked, fit_tta_temperature(picked, y_val))
-        scores[",".join(candidate)] = float(-np.mean(np.log(np.clip(probabilities[np.arange(y_val.size), y_val], 1e-12, None))))
+        scores[",".join(candidate)] = _nll(y_val, probabilities)
     best = min(scores, key=lambda key: (round(scores[key], 6), len(key.split(","))))
     views = tuple(best.split(","))
     log.info("TTA views chosen on val: %s (val log-loss %s)", best, {k: round(v, 4) for k, v in scores.items()})

@@ -168,10 +168,7 @@ class Predictor:
     def classes_by_rule(self, probabilities: np.ndarray) -> dict[str, list[str]]:
         """The class each of the run's decision rules picks for probabilities ``(N, C)``: ``argmax``, and
         ``balanced`` when the run has a fitted logit adjustment."""
-        prob = np.atleast_2d(np.asarray(probabilities, dtype=np.float64))
-        picks = {"argmax": prob.argmax(axis=1)}
-        if self.behaviour.decision is not None:
-            picks["balanced"] = self.behaviour.decision.predict(prob, "balanced")
+        picks = self.behaviour.choices(np.atleast_2d(np.asarray(probabilities, dtype=np.float64)))
         return {rule: [self.classes[i] for i in chosen] for rule, chosen in picks.items()}
 
     # ------------------------------------------------------------------------------------------- construction

@@ -38,15 +38,11 @@ class RunSizedEMA(EMAWeightAveraging):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
-            steps = int(trainer.estimated_stepping_batches)
-            if not math.isfinite(steps) or steps < 1:
-                steps = 1
+            estimate = float(trainer.estimated_stepping_batches)
+            steps = int(estimate) if math.isfinite(estimate) and estimate >= 1 else 1
             self.decay = ema_decay(steps, self.half_life)
             self._kwargs["avg_fn"] = get_ema_avg_fn(decay=self.decay)
         super().setup(trainer, pl_module, stage)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "decay": self.decay}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
