@@ -10,14 +10,17 @@ One command, one lesion-disjoint split (``OUT/splits.csv``, made first with ``de
    its second seed, the old default, reference A rebuilt, ablations that need their own training);
 3. the ablations that need no training, scored from the default run's own checkpoint with ``dermlab
    evaluate``: no TTA (identity view), no logit adjustment (argmax rule), no EMA (the raw weights of the same
-   run, ``checkpoints/raw.ckpt``).
+   run, ``checkpoints/raw.ckpt``);
+4. the ensemble of the default and its second seed (``dermlab ensemble``, ``OUT/ensemble-default-x2``), once
+   both have trained, with what it adds over the default per extra minute of the two trainings.
 
 Every row is scored by the same code on the test split: accuracy (argmax rule), balanced accuracy (the run's
 balanced rule where it has one, else argmax), macro AUC, melanoma sensitivity at 80% specificity, macro F1,
 each with a 95% bootstrap interval over the test split's lesions (1,000 resamples, seed 0), the recall of every
 class and each row's wall time (the whole run as a user waits for it: training and the final evaluation for
 dermlab, training, loading and prediction for the peer; and the training alone); then the
-paired lesion-bootstrap differences of the default from the peer (same resamples for both). Finished
+paired lesion-bootstrap differences (same resamples for both) of each dermlab row from the peer, and of
+each second seed from its first (the noise of one run). Finished
 rows are skipped, so the command continues where it stopped; a row skipped as finished keeps its wall time.
 ``--quick`` does the same on synthetic images with a tiny model and a 1-epoch peer on 24 images (smoke test).
 
@@ -50,6 +53,13 @@ EVALUATED_ABLATIONS = {
     "default, no TTA": ["--tta-views", "identity"],
     "default, no EMA (raw weights)": ["--weights", "raw"],
 }
+#: ensembles made from trained rows with ``dermlab ensemble``: row name -> member rows
+ENSEMBLES = {"ensemble-default-x2": ("default", "default-seed2")}
+#: paired differences reported: (row, baseline row); a pair is skipped unless both rows were scored
+PAIRS = [
+    ("default", "peer-seed0"), ("default-seed2", "peer-seed1"), ("ensemble-default-x2", "peer-seed0"),
+    ("default-seed2", "default"), ("peer-seed1", "peer-seed0"), ("ensemble-default-x2", "default"),
+]
 
 
 def main() -> int:
@@ -83,21 +93,26 @@ def main() -> int:
         rows.append({**default, "run": "default, no logit adjustment (argmax rule)", "balanced_accuracy": default["balanced_accuracy_argmax"],
                      "recall_balanced_rule": default["recall"], "wall_min": "(same run)", "train_min": ""})
         rows += [_evaluated_ablation(args.out / "default", label, options, splits) for label, options in EVALUATED_ABLATIONS.items()]
+    for name, members in ENSEMBLES.items():
+        if wanted is None or name in wanted:
+            rows.append(_ensemble_row(args.out, name, members, splits, required=wanted is not None))
+    rows = [row for row in rows if row is not None]
 
     counts = _class_counts(splits)
     classes = list(counts.columns)
     _print_rows(rows, classes)
     targets = _targets(rows)
-    paired = _paired_against_peer(rows)
+    paired = _paired(PAIRS)
+    gain = _ensemble_gain(rows)
     for pair, figures in paired.items():
         print_table(f"paired differences {pair} (95% lesion-bootstrap interval; * excludes 0)",
                     [[k, f"{v['difference']:+.3f}" if v["difference"] is not None else "-", f"[{v['interval'][0]:+.3f}, {v['interval'][1]:+.3f}]" if v["interval"] else "-", "*" if v["significant"] else ""] for k, v in figures.items() if k != "images"],
                     ["metric", "difference", "interval", ""])
     print_table("images per split and class", [[split, *row.tolist()] for split, row in counts.iterrows()], ["split", *classes])
-    markdown = _markdown(rows, classes, counts, targets, paired)
+    markdown = _markdown(rows, classes, counts, targets, paired, gain)
     (args.out / f"{grid_path.stem}.md").write_text(markdown)
     print(f"\nwrote {args.out / (grid_path.stem + '.md')}")
-    write_results(args.grid.stem, args, {"runs": rows, "targets": targets, "paired_against_peer": paired, "class_counts": counts.to_dict()})
+    write_results(args.grid.stem, args, {"runs": rows, "targets": targets, "paired": paired, "ensemble_gain": gain, "class_counts": counts.to_dict()})
     return 0
 
 
@@ -171,12 +186,21 @@ def _run_row(run_dir: Path, splits: Path, eval_dir: Path | None = None, name: st
     balanced = balanced_probabilities(prob, rule.get("tau"), rule.get("class_prior")) if rule.get("tau") is not None else None
     row = _score(name or run_dir.name, truth, prob, classes, _groups_of(predictions["image_id"], splits), balanced_prob=balanced,
                  image_ids=predictions["image_id"] if eval_dir is None else None)
-    train = metrics.get("wall_time_s", float("nan"))  # dermlab experiment records training, caches included
-    # the whole command, training and the final evaluation on val and test: config.yaml is written when training
-    # starts, metrics.json when the evaluation ends (file times; copied runs keep theirs)
-    wall = (run_dir / "metrics.json").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
-    row.update(wall_min=round(wall / 60, 1), train_min=round(train / 60, 1), rule="argmax / balanced (tau {:.2f})".format(rule["tau"]) if balanced is not None else "argmax", tta=",".join((metrics["test"].get("tta") or {}).get("views", []) or ["identity"]) if isinstance(metrics["test"].get("tta"), dict) else metrics["test"].get("tta"))
+    wall_min, train_min = _run_minutes(run_dir)
+    row.update(wall_min=wall_min, train_min=train_min, rule="argmax / balanced (tau {:.2f})".format(rule["tau"]) if balanced is not None else "argmax", tta=",".join((metrics["test"].get("tta") or {}).get("views", []) or ["identity"]) if isinstance(metrics["test"].get("tta"), dict) else metrics["test"].get("tta"))
     return row
+
+
+def _run_minutes(run_dir: Path) -> tuple[float, float]:
+    """A run's wall and training minutes.
+
+    Wall is the whole command, training and the final evaluation on val and test: ``config.yaml`` is written when
+    training starts, ``metrics.json`` when the evaluation ends (file times; copied runs keep theirs). Training is
+    what ``dermlab experiment`` records in ``metrics.json`` (caches included).
+    """
+    wall = (run_dir / "metrics.json").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
+    train = json.loads((run_dir / "metrics.json").read_text()).get("wall_time_s", float("nan"))
+    return round(wall / 60, 1), round(train / 60, 1)
 
 
 def _evaluated_ablation(run_dir: Path, label: str, options: list[str], splits: Path) -> dict[str, Any]:
@@ -192,40 +216,82 @@ def _evaluated_ablation(run_dir: Path, label: str, options: list[str], splits: P
     return row
 
 
+def _ensemble_row(out: Path, name: str, members: tuple[str, ...], splits: Path, required: bool) -> dict[str, Any] | None:
+    """``dermlab ensemble MEMBERS --out OUT/NAME`` (once), scored as a row whose times are its members' plus its own.
+
+    Members still untrained skip the row with a message, or stop the command when the row was asked for by name.
+    """
+    missing = [m for m in members if not (out / m / "metrics.json").is_file()]
+    if missing:
+        message = f"[{name}] needs the trained rows {', '.join(missing)} (train them first, e.g. --only {' '.join(missing)})"
+        if required:
+            raise SystemExit(message)
+        print(message + "; skipped", flush=True)
+        return None
+    run_dir = out / name
+    if not (run_dir / "metrics.json").is_file():
+        command = [sys.executable, "-m", "dermlab", "ensemble", *(str(out / m) for m in members), "--out", str(run_dir)]
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, check=True, cwd=ROOT)
+    row = _run_row(run_dir, splits)
+    minutes = [_run_minutes(out / m) for m in members]
+    row["scoring_min"] = row["wall_min"]  # the ensemble command itself: loading the members, scoring val and test
+    row["wall_min"] = round(row["wall_min"] + sum(wall for wall, _ in minutes), 1)
+    row["train_min"] = round(sum(train for _, train in minutes), 1)
+    return row
+
+
+def _ensemble_gain(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What each ensemble adds over its first member, in all and per extra minute of wall time."""
+    by_name = {r["run"]: r for r in rows}
+    out = {}
+    for name, members in ENSEMBLES.items():
+        if name not in by_name or members[0] not in by_name:
+            continue
+        ensemble, first = by_name[name], by_name[members[0]]
+        extra = ensemble["wall_min"] - first["wall_min"]
+        out[name] = {"over": members[0], "extra_wall_min": round(extra, 1)} | {
+            key: {"gain": round(ensemble[key]["value"] - first[key]["value"], 4),
+                  "gain_per_extra_min": round((ensemble[key]["value"] - first[key]["value"]) / extra, 5) if extra > 0 else None}
+            for key in [*HEADLINE, "f1_macro"]
+        }
+    return out
+
+
 # --------------------------------------------------------------------------------------------- scoring
 #: each scored row's test predictions, by row name: (image ids, classes, truth, probabilities, balanced-rule probabilities)
 _PREDICTIONS: dict[str, tuple[np.ndarray, list[str], np.ndarray, np.ndarray, np.ndarray]] = {}
 
 
-def _paired_against_peer(rows: list[dict[str, Any]], runs: tuple[str, ...] = ("default",), peer: str = "peer-seed0") -> dict[str, Any]:
-    """Paired lesion-bootstrap differences ``run - peer`` of the headline figures on the same test images.
+def _paired(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """Paired lesion-bootstrap differences ``row - baseline`` of the headline figures on the same test images.
 
-    Balanced accuracy compares the run's balanced rule with the peer's argmax (the peer has one rule); the other
-    figures compare argmax with argmax. Rows align by image id; the peer's class columns are put in dermlab's order.
+    Balanced accuracy compares each row's balanced rule (argmax for the peer, which has one rule); the other
+    figures compare argmax with argmax. Rows align by image id; the baseline's class columns are put in the row's
+    order. A pair is skipped unless both rows were scored in this invocation.
     """
     from dermlab.evaluation.bootstrap import paired_bootstrap
 
-    if peer not in _PREDICTIONS:
-        return {}
     out = {}
-    for name in runs:
-        if name not in _PREDICTIONS:
+    for name, baseline in pairs:
+        if name not in _PREDICTIONS or baseline not in _PREDICTIONS:
             continue
         ids, classes, truth, prob, balanced = _PREDICTIONS[name]
-        peer_ids, peer_classes, _, peer_prob, _ = _PREDICTIONS[peer]
-        shared = np.isin(ids, peer_ids)  # the images both scored (all of them, unless the peer ran with --limit)
+        base_ids, base_classes, _, base_prob, base_balanced = _PREDICTIONS[baseline]
+        shared = np.isin(ids, base_ids)  # the images both scored (all of them, unless the peer ran with --limit)
         if shared.sum() < 2:
             continue
         ids, truth, prob, balanced, groups = ids[shared], truth[shared], prob[shared], balanced[shared], _GROUPS[name][shared]
-        order = pd.Series(range(len(peer_ids)), index=peer_ids).reindex(ids)
-        aligned = peer_prob[order.to_numpy(dtype=int)][:, [peer_classes.index(c) for c in classes]]
-        argmax = paired_bootstrap(truth, aligned, prob, classes, groups, resamples=1000, seed=0, target_class="mel" if "mel" in classes else None)
-        rule = paired_bootstrap(truth, aligned, balanced, classes, groups, resamples=1000, seed=0)
+        order = pd.Series(range(len(base_ids)), index=base_ids).reindex(ids).to_numpy(dtype=int)
+        columns = [base_classes.index(c) for c in classes]
+        target = "mel" if "mel" in classes else None
+        argmax = paired_bootstrap(truth, base_prob[order][:, columns], prob, classes, groups, resamples=1000, seed=0, target_class=target)
+        rule = paired_bootstrap(truth, base_balanced[order][:, columns], balanced, classes, groups, resamples=1000, seed=0)
         keys = {"accuracy": argmax["accuracy"], "balanced_accuracy": rule["balanced_accuracy"], "auc_macro": argmax["auc_macro"],
                 "f1_macro": argmax["f1_macro"]}
         if "sensitivity_at_specificity_mel" in argmax:
             keys["mel_sensitivity_at_80_spec"] = argmax["sensitivity_at_specificity_mel"]
-        out[f"{name} - {peer}"] = {"images": int(shared.sum())} | {k: {"difference": round(v["difference"], 4) if v["difference"] is not None else None,
+        out[f"{name} - {baseline}"] = {"images": int(shared.sum())} | {k: {"difference": round(v["difference"], 4) if v["difference"] is not None else None,
                                        "interval": [round(x, 4) for x in v["interval"]] if v["interval"] else None,
                                        "significant": v["significant"]} for k, v in keys.items()}
     return out
@@ -308,7 +374,8 @@ def _print_rows(rows: list[dict[str, Any]], classes: list[str]) -> None:
     print_table("test recall per class (argmax rule)", [[r["run"], *[r["recall"].get(c, float("nan")) for c in classes]] for r in rows], ["run", *classes])
 
 
-def _markdown(rows: list[dict[str, Any]], classes: list[str], counts: pd.DataFrame, targets: dict[str, Any], paired: dict[str, Any] | None = None) -> str:
+def _markdown(rows: list[dict[str, Any]], classes: list[str], counts: pd.DataFrame, targets: dict[str, Any], paired: dict[str, Any] | None = None,
+              gain: dict[str, Any] | None = None) -> str:
     head = "| run | accuracy | balanced accuracy | macro AUC | mel sensitivity @ 80% spec | macro F1 | wall (min) | train (min) |"
     lines = [head, "|---" * 8 + "|"]
     for r in rows:
@@ -327,6 +394,11 @@ def _markdown(rows: list[dict[str, Any]], classes: list[str], counts: pd.DataFra
             interval = f"[{value['interval'][0]:+.3f}, {value['interval'][1]:+.3f}]" if value["interval"] else "-"
             difference = f"{value['difference']:+.3f}" if value["difference"] is not None else "-"
             lines.append(f"| {key} | {difference} | {interval} | {'yes' if value['significant'] else 'no'} |")
+    for name, figures in (gain or {}).items():
+        lines += ["", f"| {name} over {figures['over']} (+{figures['extra_wall_min']} min wall) | gain | gain per extra minute |", "|---|---|---|"]
+        for key in [*HEADLINE, "f1_macro"]:
+            per_minute = figures[key]["gain_per_extra_min"]
+            lines.append(f"| {key} | {figures[key]['gain']:+.3f} | {'-' if per_minute is None else f'{per_minute:+.5f}'} |")
     lines += ["", "| split | " + " | ".join(classes) + " | total |", "|---" * (len(classes) + 2) + "|"]
     for split, row in counts.iterrows():
         lines.append(f"| {split} | " + " | ".join(str(int(v)) for v in row) + f" | {int(row.sum())} |")

@@ -33,7 +33,7 @@ BENCHMARKS = {
 }
 # the real-data grids train several runs each: two per grid cover their code paths in less time
 EXTRA_ARGS = {
-    "accuracy": ["--only", "peer-seed0", "default", "old_default"],
+    "accuracy": ["--only", "peer-seed0", "default", "default-seed2", "ensemble-default-x2"],
     "robustness": ["--only", "default", "color_constancy"],
     "calibration_abstention": ["--fusion", "--fusion-seeds", "1"],
     # a server may need minutes to import and load beside another benchmark on a small machine
@@ -76,15 +76,20 @@ def test_every_benchmark_runs_quick_and_writes_its_json(tmp_path: Path) -> None:
     assert all(r["model_1_image"]["p50_ms"] > 0 for r in inference.values())
     accuracy = json.loads((tmp_path / "results" / "accuracy-quick.json").read_text())
     assert [r["run"] for r in accuracy["runs"]] == [
-        "peer-seed0", "default", "old_default", "default, no logit adjustment (argmax rule)", "default, no TTA",
-        "default, no EMA (raw weights)",
+        "peer-seed0", "default", "default-seed2", "default, no logit adjustment (argmax rule)", "default, no TTA",
+        "default, no EMA (raw weights)", "ensemble-default-x2",
     ]
     assert set(accuracy["targets"]) == {"accuracy", "balanced_accuracy", "auc_macro", "mel_sensitivity_at_80_spec"}
     assert all(row["accuracy"]["ci"] and 0 <= row["accuracy"]["value"] <= 1 for row in accuracy["runs"])
-    trained = [row for row in accuracy["runs"] if row["wall_min"] != "(same run)"]
-    assert [row["run"] for row in trained] == ["peer-seed0", "default", "old_default"]
-    assert all(row["wall_min"] >= row["train_min"] >= 0 for row in trained)
-    assert set(accuracy["paired_against_peer"]["default - peer-seed0"]) >= {"accuracy", "balanced_accuracy", "auc_macro"}
+    trained = {row["run"]: row for row in accuracy["runs"] if row["wall_min"] != "(same run)"}
+    assert list(trained) == ["peer-seed0", "default", "default-seed2", "ensemble-default-x2"]
+    assert all(row["wall_min"] >= row["train_min"] >= 0 for row in trained.values())
+    ensemble = trained["ensemble-default-x2"]  # its times are its members' plus its own scoring
+    assert ensemble["train_min"] == pytest.approx(trained["default"]["train_min"] + trained["default-seed2"]["train_min"], abs=0.11)
+    assert ensemble["wall_min"] >= trained["default"]["wall_min"] + trained["default-seed2"]["wall_min"]
+    assert set(accuracy["ensemble_gain"]["ensemble-default-x2"]) >= {"over", "extra_wall_min", "accuracy", "auc_macro"}
+    assert set(accuracy["paired"]) == {"default - peer-seed0", "ensemble-default-x2 - peer-seed0", "default-seed2 - default", "ensemble-default-x2 - default"}
+    assert set(accuracy["paired"]["default - peer-seed0"]) >= {"accuracy", "balanced_accuracy", "auc_macro"}
     assert sum(accuracy["class_counts"]["nv"].values()) > 0
     trunk = json.loads((tmp_path / "results" / "stage2_trunk-quick.json").read_text())
     assert trunk["runs"]["cached_trunk"]["maps_mib"] > 0 and trunk["runs"]["cached_trunk"]["caching_passes_per_s"] > 0
