@@ -332,17 +332,13 @@ def resolve_grid(parser: argparse.ArgumentParser, args: argparse.Namespace) -> P
 
 
 def run_grid(grid_path: Path, data: str, out: Path, only: Sequence[str] | None = None) -> list[str]:
-    """``dermlab experiment GRID --data DATA --out OUT`` in a child process; returns the names of the runs trained."""
-    import subprocess
+    """The runs of a grid trained and scored as ``dermlab experiment`` does (finished ones skipped); their names."""
+    from dermlab.training.grid import load_grid
+    from dermlab.training.grid import run_grid as train_grid
 
-    import yaml
-
-    command = [sys.executable, "-m", "dermlab", "experiment", str(grid_path), "--data", str(data), "--out", str(out)]
-    if only:
-        command += ["--only", *only]
-    print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=Path(__file__).resolve().parents[1])
-    grid = yaml.safe_load(Path(grid_path).read_text())
+    grid = load_grid(grid_path)
+    print(f"grid {grid_path}: {', '.join(only) if only else 'every run'} on {data} into {out}", flush=True)
+    train_grid(grid, data, out, only=only)
     return [entry["name"] for entry in grid["runs"] if not only or entry["name"] in only]
 
 

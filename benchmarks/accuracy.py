@@ -6,7 +6,7 @@ One command, one lesion-disjoint split (``OUT/splits.csv``, made first with ``de
 
 1. the peer, ``../shared/baselines/plain_timm_finetune.py`` (never edited), run as a child process on that
    ``splits.csv`` (``--peer-seeds`` seeds, ``OUT/peer-seed<S>``);
-2. every run of ``configs/grids/accuracy.yaml`` (``--grid``) through ``dermlab experiment`` (the default recipe,
+2. every run of ``configs/grids/accuracy.yaml`` (``--grid``), trained as ``dermlab experiment`` does (the default recipe,
    its second seed, the old default, reference A rebuilt, ablations that need their own training);
 3. the ablations that need no training, scored from the default run's own checkpoint with ``dermlab
    evaluate``: no TTA (identity view), no logit adjustment (argmax rule), no EMA (the raw weights of the same

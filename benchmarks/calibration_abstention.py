@@ -86,7 +86,7 @@ def main() -> int:
         parser.error("the run folder is required (or --quick)")
     torch.manual_seed(0)
 
-    from dermlab.training.run import prepare_run_data
+    from dermlab.data.run_data import prepare_run_data
 
     if args.fusion_only:
         from types import SimpleNamespace
@@ -268,7 +268,8 @@ def _abstention(args: argparse.Namespace, loaded, logits: dict, labels: dict, cl
 def _fusion(args: argparse.Namespace, loaded, splits: dict, labels: dict, classes: list[str]) -> dict[str, Any]:
     from torch import nn
 
-    from dermlab.models.fusion import MetadataFusionClassifier, encode_metadata
+    from dermlab.data.metadata import encode_metadata
+    from dermlab.models.classifier import MetadataFusionClassifier
     from dermlab.models.factory import DermClassifier
 
     features = _stage1_features(args, loaded, splits)
@@ -309,8 +310,8 @@ def _stage1_features(args: argparse.Namespace, loaded, splits: dict) -> dict[str
     """Pooled ImageNet-backbone features: the run's own stage-1 cache for train and val when found, else computed."""
     from dermlab.data.transforms import create_transform
     from dermlab.models.factory import create_model, resolve_preprocessing
-    from dermlab.training.features import compute_features, load_or_compute_features
-    from dermlab.training.run import _feature_cache_dir, _weights_fingerprint
+    from dermlab.training.features import compute_features, feature_cache_key, load_or_compute_features
+    from dermlab.training.run import _feature_cache_dir
 
     config = loaded.config
     model = create_model(config.model, len(loaded.classes))  # the backbone as stage 1 saw it (packaged weights)
@@ -321,18 +322,15 @@ def _stage1_features(args: argparse.Namespace, loaded, splits: dict) -> dict[str
     for split in ("train", "val", "test"):
         frame = splits[split]
         views = config.train.feature_views if split == "train" and config.data.augmentation != "none" else 1
-        key = {
-            "model": config.model.name, "weights": config.model.weights, "pretrained": config.model.pretrained,
-            "preprocessing": preprocessing.to_dict(), "augmentation": config.data.augmentation if split == "train" else "none",
-            "views": views, "seed": config.train.seed, "images": frame["image_id"].tolist(), "state": _weights_fingerprint(model),
-        }
+        transform = create_transform(config.data.augmentation, preprocessing, train=True) if split == "train" else eval_transform
+        key = feature_cache_key(config, preprocessing, transform, views, frame, model)
         try:  # the run's cache, read only
             features[split] = load_or_compute_features(run_cache, key, _not_cached)
             print(f"{split}: the run's cached stage-1 features, {tuple(features[split].shape)}")
             continue
         except LookupError:
             pass
-        own = {**key, "augmentation": "none", "views": 1}
+        own = feature_cache_key(config, preprocessing, eval_transform, 1, frame, model)
         print(f"{split}: computing stage-1 features of {len(frame)} images ...", flush=True)
         features[split] = load_or_compute_features(
             args.cache / "features", own,

@@ -30,14 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import QUICK_RECIPE, RESULTS_DIR, print_table, quiet_libraries, synthetic_dataset, write_results  # noqa: E402
 
 from dermlab.config import Config, apply_overrides, load_config
+from dermlab.data.run_data import prepare_run_data
 from dermlab.data.transforms import create_transform
 from dermlab.evaluation.metrics import compute_metrics
 from dermlab.io import atomic_write_json
 from dermlab.models.checkpoint import load_checkpoint
 from dermlab.models.factory import create_model, resolve_preprocessing
-from dermlab.training.distillation import distillation_summary, train_experts
+from dermlab.training.distillation import distillation_summary
+from dermlab.training.experts import train_experts
 from dermlab.training.features import compute_features, load_or_compute_features
-from dermlab.training.run import prepare_run_data, train_run
+from dermlab.training.run import train_run
 
 RARE = ("df", "vasc", "akiec")
 METRICS = ("f1_df", "f1_vasc", "f1_akiec", "f1_macro", "balanced_accuracy", "accuracy")

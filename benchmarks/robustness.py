@@ -2,7 +2,7 @@
 
     nice .venv/bin/python benchmarks/robustness.py --data ../shared/data/HAM10000 --out runs/ham10000
 
-Trains every run of ``configs/grids/robustness.yaml`` (``--grid``) through ``dermlab experiment`` on one shared
+Trains every run of ``configs/grids/robustness.yaml`` (``--grid``) as ``dermlab experiment`` does, on one shared
 lesion-disjoint split (finished runs are skipped), then runs ``dermlab evaluate RUN --shift`` on each run whose
 ``eval/shift/shift.json`` is missing: the test split clean and under the seven seeded corruptions. Prints and
 writes one table per metric (runs as columns, conditions as rows, plus the mean over the corruptions) to

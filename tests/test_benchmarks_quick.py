@@ -25,6 +25,7 @@ BENCHMARKS = {
     "inference": ["results", "ratios"],
     "service": ["results", "ratios"],
     "accuracy": ["runs", "class_counts"],
+    "external": ["rows", "in_distribution"],
     "robustness": ["runs", "reports", "tables"],
     "distillation": ["results", "experts", "timings_s"],
     "calibration_abstention": ["calibration", "abstention", "fusion"],
@@ -91,6 +92,10 @@ def test_every_benchmark_runs_quick_and_writes_its_json(tmp_path: Path) -> None:
     assert set(accuracy["paired"]) == {"default - peer-seed0", "ensemble-default-x2 - peer-seed0", "default-seed2 - default", "ensemble-default-x2 - default"}
     assert set(accuracy["paired"]["default - peer-seed0"]) >= {"accuracy", "balanced_accuracy", "auc_macro"}
     assert sum(accuracy["class_counts"]["nv"].values()) > 0
+    external = json.loads((tmp_path / "results" / "external-quick.json").read_text())
+    assert [row["method"] for row in external["rows"]] == ["as trained", "adabn", "tent"]
+    assert all(0 <= row["auc"] <= 1 and row["images"] > 0 for row in external["rows"])
+    assert set(external["in_distribution"]["run"]["after"]) == {"accuracy", "balanced_accuracy", "auc_macro"}
     trunk = json.loads((tmp_path / "results" / "stage2_trunk-quick.json").read_text())
     assert trunk["runs"]["cached_trunk"]["maps_mib"] > 0 and trunk["runs"]["cached_trunk"]["caching_passes_per_s"] > 0
     assert all(run["train_images_per_s"] > 0 for run in trunk["runs"].values())

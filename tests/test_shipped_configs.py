@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from dermlab.cli.experiment import _flatten, load_grid
 from dermlab.config import Config, apply_overrides, load_config
 from dermlab.models.factory import create_model
 from dermlab.models.freezing import freeze_backbone, unfreeze_last_blocks
 from dermlab.models.trunk import split_frozen_trunk
+from dermlab.training.checks import check_combinations, check_names
+from dermlab.training.grid import load_grid, run_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -19,11 +20,8 @@ def _grid_configs() -> list[tuple[str, Config]]:
     configs = []
     for path in sorted((CONFIGS / "grids").glob("*.yaml")):
         grid = load_grid(path)
-        base = load_config(grid["_dir"] / grid["base"]) if grid.get("base") else Config()
-        common = _flatten(grid.get("set") or {})
         for entry in grid["runs"]:
-            config = apply_overrides(base, ["data.path=DATA", *common, *_flatten(entry.get("set") or {})])
-            configs.append((f"{path.stem}/{entry['name']}", config))
+            configs.append((f"{path.stem}/{entry['name']}", run_config(grid, entry, "DATA")))
     return configs
 
 
@@ -47,6 +45,20 @@ def test_every_grid_run_resolves_to_a_valid_config() -> None:
     assert names["robustness/color_constancy"].model.color_constancy == "shades_of_gray"
     assert names["imbalance/cutmix_weighted_ce"].mixing.method == "cutmix"
     assert names["imbalance/cutmix_weighted_ce"].loss.name == "weighted_cross_entropy"
+
+
+@pytest.mark.parametrize("name, config", _grid_configs(), ids=lambda c: c if isinstance(c, str) else "")
+def test_every_grid_run_passes_the_checks_a_run_starts_with(name: str, config: Config) -> None:
+    """Names in their registries and combinations that run as written: a bad row would fail only when reached."""
+    check_names(config)
+    check_combinations(config)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_file_passes_the_checks_a_run_starts_with(path: Path) -> None:
+    config = load_config(path)
+    check_names(config)
+    check_combinations(config)
 
 
 @pytest.mark.parametrize("name, config", [c for c in _grid_configs() if c[1].train.stage2_cached_views > 0], ids=lambda c: c if isinstance(c, str) else "")

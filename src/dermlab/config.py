@@ -1,7 +1,10 @@
 """The one typed configuration tree: saved as ``config.yaml`` in every run and inside every checkpoint.
 
 Every section is a dataclass; :func:`config_from_dict` checks unknown keys, types and ranges and names the
-offending field (``train.stage1_lr``) in its error, so a typo never silently becomes a default.
+offending field (``train.stage1_lr``) in its error, so a typo never silently becomes a default. Fields that pick a
+registered component by name (layouts, augmentations, samplers, losses, mixing methods, curriculum shapes, TTA
+views, abstention scores) are plain strings here, so the registry stays the one list of its names; they are
+checked against it when a run starts (:func:`dermlab.training.checks.check_names`).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class DataConfig:
     """Where the images are, how they are read, split, augmented and batched."""
 
     path: str | None = None
-    layout: Literal["auto", "ham10000", "folders", "csv"] = "auto"
+    layout: str = "auto"  # "auto" or a layout of dermlab.data.datasets.LAYOUTS
     csv_path_column: str = "path"
     csv_label_column: str = "label"
     csv_group_column: str | None = None
@@ -55,7 +58,7 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: int = 64
     num_workers: int = 2
-    sampler: Literal["none", "balanced", "sqrt"] = "none"
+    sampler: str = "none"  # a name of dermlab.training.samplers.SAMPLERS
     cache_dir: str | None = None  # decoded-image cache; None = off
     # train on these classes only (e.g. an LFME expert): other images are dropped, the class list keeps the
     # dataset's order; the split (data.splits_file) still covers the whole dataset. None = every class.
@@ -108,7 +111,8 @@ class ModelConfig:
     # Another aspect ratio into input_size: stretch, fit and pad black, or cover and centre-crop. "squash" stays
     # the default so existing runs are unchanged; the recommended recipe comes from the shift benchmark.
     resize_mode: Literal["squash", "letterbox", "crop"] = "squash"
-    # Age, sex and localization encoded and fused with the pooled image features in the head (models.fusion);
+    # Age, sex and localization encoded (data.metadata) and fused with the pooled image features in the head
+    # (models.classifier);
     # never dx_type. Off = the image-only classifier.
     metadata_fusion: bool = False
 
@@ -138,12 +142,15 @@ class LossConfig:
 class MixingConfig:
     """Mixup / CutMix as in reference B: the loss is taken against both labels and mixed by lambda."""
 
-    method: Literal["none", "mixup", "cutmix", "switch"] = "none"
+    method: str = "none"  # a name of dermlab.training.mixing.MIXERS
     mixup_alpha: float = 0.2
     cutmix_alpha: float = 1.0
     prob: float = 1.0
     switch_prob: float = 0.5
     stop_epochs: int = 0  # no mixing in the last N epochs
+    # mix in stage 1 too: on images as in stage 2; in a linear probe on cached features Mixup mixes the pooled
+    # features (CutMix and switch cut image regions, which pooled features do not have: refused there)
+    stage1: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prob <= 1.0:
@@ -219,6 +226,11 @@ class TrainConfig:
         if self.ema and self.stage2_cached_views > 0:
             raise ConfigError("train.ema averages the whole network's weights in stage 2 on images; set train.stage2_cached_views to 0")
 
+    @property
+    def multi_process(self) -> bool:
+        """Whether the trainer runs several processes (DDP over devices or nodes)."""
+        return (self.devices.isdigit() and int(self.devices) > 1) or self.num_nodes > 1 or "ddp" in self.strategy
+
 
 @dataclass
 class EvaluationConfig:
@@ -267,7 +279,7 @@ class DistillConfig:
     alpha: float = 0.3
     curriculum: Literal["none", "instance", "balanced_subset"] = "none"
     curriculum_fraction: float = 0.5
-    curriculum_shape: Literal["linear", "convex", "concave"] = "linear"
+    curriculum_shape: str = "linear"  # a name of dermlab.training.curriculum.CURRICULUM_SHAPES
     # which images each expert's KL term averages over: all (LFME) or only those of the expert's classes
     expert_samples: Literal["all", "group"] = "all"
 

@@ -268,7 +268,7 @@ def test_a_shipped_test_folder_keeps_all_its_images_while_its_copies_leave_train
 
 @pytest.mark.slow  # imports the training stack
 def test_train_run_data_leaves_test_copies_out_and_lists_them(tmp_path: Path, caplog) -> None:
-    from dermlab.training.run import prepare_run_data
+    from dermlab.data.run_data import prepare_run_data
 
     root = _shipped_test_folder(tmp_path / "data")
     config = apply_overrides(Config(), [f"data.path={root}", "data.num_workers=0"])

@@ -12,22 +12,21 @@ import torch
 
 from dermlab.config import Config, ModelConfig, apply_overrides
 from dermlab.data.datamodule import ImageDataset
-from dermlab.errors import ConfigError
-from dermlab.models.checkpoint import load_checkpoint, save_checkpoint
-from dermlab.models.factory import DermClassifier, create_model, resolve_preprocessing
-from dermlab.models.fusion import (
+from dermlab.data.metadata import (
     LOCALIZATIONS,
     METADATA_WIDTH,
-    MetadataFusionClassifier,
     PatientMetadata,
-    check_fusion_config,
     encode_metadata,
     encode_patient_metadata,
     missing_metadata,
     parse_patient_metadata,
     read_metadata_csv,
-    uses_metadata,
 )
+from dermlab.errors import ConfigError
+from dermlab.models.checkpoint import load_checkpoint, save_checkpoint
+from dermlab.models.classifier import MetadataFusionClassifier, uses_metadata
+from dermlab.models.factory import DermClassifier, create_model, resolve_preprocessing
+from dermlab.training.checks import check_combinations
 from dermlab.training.module import ClassifierModule
 
 
@@ -128,16 +127,17 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
 
 def test_unsupported_combinations_are_refused() -> None:
     base = ["model.metadata_fusion=true"]
-    check_fusion_config(apply_overrides(Config(), base))
+    check_combinations(apply_overrides(Config(), base))
     with pytest.raises(ConfigError, match="mixing.method='mixup'"):
-        check_fusion_config(apply_overrides(Config(), [*base, "mixing.method=mixup"]))
-    check_fusion_config(apply_overrides(Config(), ["mixing.method=mixup"]))  # fusion off: nothing to refuse
+        check_combinations(apply_overrides(Config(), [*base, "mixing.method=mixup"]))
+    check_combinations(apply_overrides(Config(), ["mixing.method=mixup"]))  # fusion off: nothing to refuse
 
 
 @pytest.mark.slow
 def test_a_fusion_run_trains_and_scores_with_metadata(ham_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from dermlab.data.run_data import prepare_run_data
     from dermlab.evaluation.evaluate import predict_logits, predict_view_logits
-    from dermlab.training.run import prepare_run_data, train_run
+    from dermlab.training.run import train_run
 
     monkeypatch.setenv("DERMLAB_PROGRESS", "0")
     config = apply_overrides(

@@ -88,8 +88,8 @@ def test_predict_serve_and_evaluate_give_the_same_probabilities(make_fusion_run,
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
+    from dermlab.data.run_data import prepare_run_data
     from dermlab.serving.app import create_app
-    from dermlab.training.run import prepare_run_data
 
     config = Config(model=FUSION, evaluation=EvaluationConfig(tta=list(VIEWS)))
     config.data.path, config.data.num_workers = str(ham_dir), 0

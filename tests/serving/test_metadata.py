@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from dermlab.cli import main
-from dermlab.models.fusion import PatientMetadata
+from dermlab.data.metadata import PatientMetadata
 from dermlab.serving.predictor import Predictor
 
 PROBS = ["prob_nv", "prob_mel", "prob_bkl"]

@@ -76,7 +76,7 @@ PARITY_MODEL = dict(name="test_efficientnet", input_size=[32, 32], weights="none
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory, images) -> tuple[list, dict]:
     """The photo paths and the ``image_id -> PatientMetadata`` read from their HAM10000 metadata CSV."""
-    from dermlab.models.fusion import read_metadata_csv
+    from dermlab.data.metadata import read_metadata_csv
 
     root = tmp_path_factory.mktemp("HAM10000")
     (root / "HAM10000_images_part_1").mkdir()

@@ -16,27 +16,19 @@ from torch import nn
 
 from dermlab.config import Config, apply_overrides, load_config
 from dermlab.data.preprocessing import Preprocessing
+from dermlab.data.run_data import prepare_run_data
 from dermlab.data.transforms import create_transform
 from dermlab.errors import CheckpointError, ConfigError
 from dermlab.losses import create_loss
 from dermlab.models.checkpoint import load_checkpoint, save_checkpoint
 from dermlab.models.factory import DermClassifier, create_model, resolve_preprocessing
-from dermlab.training.distillation import (
-    CHECKPOINT_KEY,
-    Distillation,
-    DistillationModule,
-    Teacher,
-    TeacherBank,
-    convert_normalisation,
-    expert_weight,
-    group_classes_by_count,
-    load_teachers,
-    read_experts,
-    train_experts,
-)
+from dermlab.training.class_groups import group_classes_by_count
+from dermlab.training.distillation import CHECKPOINT_KEY, Distillation, DistillationTerm, expert_weight
+from dermlab.training.experts import read_experts, train_experts
 from dermlab.training.features import FeatureDataset, compute_features
 from dermlab.training.module import ClassifierModule
-from dermlab.training.run import prepare_run_data, train_run
+from dermlab.training.run import train_run
+from dermlab.training.teachers import Teacher, TeacherBank, convert_normalisation, load_teachers
 
 # the module's self.log outside a Trainer only warns: these tests call its hooks directly
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
@@ -192,7 +184,7 @@ EXPERT_1 = [[0.5, 1.0], [1.0, -1.0], [0.0, 2.0]]  # classes c, d
 TARGETS = [0, 1, 3]
 
 
-def _student_module(curriculum: str = "none", kd_weight: float = 0.7, temperature: float = 2.0, *overrides: str) -> DistillationModule:
+def _student_module(curriculum: str = "none", kd_weight: float = 0.7, temperature: float = 2.0, *overrides: str) -> ClassifierModule:
     classes = ["a", "b", "c", "d"]
     bank = TeacherBank([_teacher("low", [0, 1], classes, 0), _teacher("high", [2, 3], classes, 1)], PRE, 4)
     distillation = _distillation(bank, classes, f"distill.curriculum={curriculum}", f"distill.kd_weight={kd_weight}",
@@ -202,8 +194,8 @@ def _student_module(curriculum: str = "none", kd_weight: float = 0.7, temperatur
     with torch.no_grad():  # the head passes features through: the batch's features are the student's logits
         student.head.weight.copy_(torch.eye(4))
         student.head.bias.zero_()
-    return DistillationModule(student, create_loss("cross_entropy", [1, 1, 1, 1]), classes, distillation=distillation,
-                              features_input=True)
+    return ClassifierModule(student, create_loss("cross_entropy", [1, 1, 1, 1]), classes, term=DistillationTerm(distillation),
+                            features_input=True)
 
 
 def _features_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -213,20 +205,20 @@ def _features_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def test_student_loss_equals_the_hand_computed_value() -> None:
     module = _student_module()
-    module.expert_weights = [1.0, 0.5]
+    module.term.expert_weights = [1.0, 0.5]
     loss = module.training_step(_features_batch(), 0).detach()
     ce = sum(-math.log(_softmax(s)[t]) for s, t in zip(STUDENT, TARGETS)) / 3
     kl_low = sum(_kl(e, s[:2], 2.0) for e, s in zip(EXPERT_0, STUDENT)) / 3
     kl_high = sum(_kl(e, s[2:], 2.0) for e, s in zip(EXPERT_1, STUDENT)) / 3
     expected = ce + 0.7 * (1.0 * 4 * kl_low + 0.5 * 4 * kl_high)
     assert float(loss) == pytest.approx(expected, rel=1e-5)
-    module.expert_weights = [0.0, 0.0]
+    module.term.expert_weights = [0.0, 0.0]
     assert float(module.training_step(_features_batch(), 0).detach()) == pytest.approx(ce, rel=1e-5)
 
 
 def test_expert_terms_can_average_over_their_own_classes_images_only() -> None:
     module = _student_module("none", 0.7, 2.0, "distill.expert_samples=group")
-    module.expert_weights = [1.0, 0.5]
+    module.term.expert_weights = [1.0, 0.5]
     loss = module.training_step(_features_batch(), 0).detach()
     ce = sum(-math.log(_softmax(s)[t]) for s, t in zip(STUDENT, TARGETS)) / 3
     kl_low = sum(_kl(EXPERT_0[i], STUDENT[i][:2], 2.0) for i in (0, 1)) / 2  # targets a and b
@@ -250,7 +242,7 @@ def test_teachers_stay_out_of_the_students_state_dict() -> None:
     plain = ClassifierModule(DermClassifier(_Flatten(4), 4), create_loss("cross_entropy", [1, 1, 1, 1]), ["a", "b", "c", "d"])
     assert module.state_dict().keys() == plain.state_dict().keys()
     assert all(not p.requires_grad or p.data_ptr() != q.data_ptr() for p in module.parameters()
-               for t in module.distillation.bank.teachers for q in t.model.parameters())
+               for t in module.term.distillation.bank.teachers for q in t.model.parameters())
 
 
 # --------------------------------------------------------------------------------------------- expert weights
@@ -262,7 +254,7 @@ def test_expert_weight_follows_the_lfme_schedule() -> None:
     assert expert_weight(0.2, float("nan")) == 1.0  # no validation image of the group: keep it
 
 
-def _validate(module: DistillationModule, correct: tuple[int, int]) -> None:
+def _validate(module: ClassifierModule, correct: tuple[int, int]) -> None:
     """One fake validation epoch: 10 images of each group, ``correct[g]`` of them predicted right."""
     targets, predictions = [], []
     for group, (first, second) in enumerate(((0, 1), (2, 3))):
@@ -282,7 +274,7 @@ def test_expert_weights_fade_as_the_student_catches_up() -> None:
     history = []
     for correct in ((1, 1), (3, 2), (5, 3), (7, 4), (8, 5), (9, 6)):
         _validate(module, correct)
-        history.append(list(module.expert_weights))
+        history.append(list(module.term.expert_weights))
     # by hand: w = 1 while s <= 0.3 e, then (e - s) / (0.7 e), 0 from s = e on
     first = [1.0, 0.5 / 0.56, 0.3 / 0.56, 0.1 / 0.56, 0.0, 0.0]  # e = 0.8, s = 0.1 0.3 0.5 0.7 0.8 0.9
     second = [1.0, 0.3 / 0.35, 0.2 / 0.35, 0.1 / 0.35, 0.0, 0.0]  # e = 0.5, s = 0.1 0.2 0.3 0.4 0.5 0.6
@@ -317,13 +309,13 @@ def test_expert_weights_fall_as_the_student_learns_in_training() -> None:
     with torch.no_grad():  # starts by picking the dimmest pixel, wrong on almost every image: far behind the experts
         student.head.weight.copy_(-0.3 * torch.eye(4))
         student.head.bias.zero_()
-    module = DistillationModule(student, create_loss("cross_entropy", [1, 1, 1, 1]), classes, distillation=distillation,
-                                lr=0.05, scheduler="constant", weight_decay=0.0)
+    module = ClassifierModule(student, create_loss("cross_entropy", [1, 1, 1, 1]), classes, term=DistillationTerm(distillation),
+                              lr=0.05, scheduler="constant", weight_decay=0.0)
     history: list[list[float]] = []
 
     class _Weights(L.Callback):
         def on_validation_end(self, trainer, pl_module) -> None:
-            history.append(list(pl_module.expert_weights))
+            history.append(list(pl_module.term.expert_weights))
 
     trainer = L.Trainer(accelerator="cpu", max_epochs=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[_Weights()])
@@ -343,16 +335,16 @@ def test_expert_weights_fall_as_the_student_learns_in_training() -> None:
 
 def test_expert_weights_are_saved_and_restored_with_the_checkpoint(tmp_path: Path) -> None:
     module = _student_module()
-    module.expert_weights = [0.25, 0.75]
+    module.term.expert_weights = [0.25, 0.75]
     checkpoint: dict = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(checkpoint)
     assert checkpoint[CHECKPOINT_KEY]["expert_weights"] == [0.25, 0.75]
     assert checkpoint[CHECKPOINT_KEY]["expert_classes"] == [["a", "b"], ["c", "d"]]
     restored = _student_module()
     restored.on_load_checkpoint(checkpoint)
-    assert restored.expert_weights == [0.25, 0.75]
+    assert restored.term.expert_weights == [0.25, 0.75]
     torch.save(checkpoint, tmp_path / "stage1.ckpt")
-    distillation = restored.distillation
+    distillation = restored.term.distillation
     distillation.load_state(tmp_path / "stage1.ckpt")
     assert distillation.initial_weights == [0.25, 0.75]  # the next stage starts where this one ended
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from dermlab.config import Config, apply_overrides
+from dermlab.data.run_data import prepare_run_data
 from dermlab.errors import CheckpointError, ConfigError
 from dermlab.models.checkpoint import RAW_WEIGHTS_KEY, load_checkpoint
 from dermlab.training.ema import ema_decay
-from dermlab.training.run import prepare_run_data, train_run
+from dermlab.training.run import train_run
 
 TINY = ["model.name=test_efficientnet", "model.weights=none", "model.input_size=[32,32]", "data.num_workers=0", "data.batch_size=8"]
 

@@ -262,10 +262,12 @@ def test_training_step_mixes_cached_trunk_maps_in_stage2() -> None:
 
 
 @pytest.mark.slow
-def test_cached_stage1_trains_without_mixing(ham_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """What happens today: stage 1 on cached pooled features is built without the mixer, so ``mixing.method``
-    mixes nothing there; stage 2 (on images) mixes. Whether stage 1 should mix is decided in another issue:
-    change this test with that behaviour."""
+@pytest.mark.parametrize("stage1", [True, False])
+def test_a_cached_stage1_mixes_the_pooled_features_unless_told_not_to(
+    stage1: bool, ham_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``mixing.stage1`` (default on): the cached linear probe's Mixup mixes pooled feature vectors, one mix a
+    step; off, stage 1 mixes nothing. Stage 2 (on images) mixes images either way."""
     from dermlab.config import Config, apply_overrides
     from dermlab.training.mixing import Mixer
     from dermlab.training.run import train_run
@@ -283,10 +285,14 @@ def test_cached_stage1_trains_without_mixing(ham_dir: Path, tmp_path: Path, monk
         f"data.path={ham_dir}", "model.name=test_efficientnet", "model.input_size=[32,32]", "data.num_workers=0",
         "data.batch_size=8", "model.weights=none", "data.augmentation=none", "mixing.method=mixup", "train.stage1_epochs=1",
         "train.stage2_epochs=1", "train.cached_features=true", f"data.cache_dir={tmp_path / 'cache'}",
+        f"mixing.stage1={str(stage1).lower()}",
     ])
     train_run(config, tmp_path / "run")
     assert list((tmp_path / "cache" / "features").glob("*.pt")), "stage 1 did not train on cached features"
     stages = [json.loads((tmp_path / "run" / "checkpoints" / stage / "done.json").read_text()) for stage in ("stage1", "stage2")]
     assert stages[0]["global_step"] > 0 and stages[1]["global_step"] > 0
-    assert len(mixed_shapes) == stages[1]["global_step"]  # one mix per stage-2 step, none in stage 1
-    assert all(len(shape) == 4 and shape[-2:] == (32, 32) for shape in mixed_shapes)  # images only, no features
+    features = [shape for shape in mixed_shapes if len(shape) == 2]  # (batch, pooled width)
+    images = [shape for shape in mixed_shapes if len(shape) == 4 and shape[-2:] == (32, 32)]
+    assert len(images) == stages[1]["global_step"]  # one mix of images per stage-2 step
+    assert len(features) == (stages[0]["global_step"] if stage1 else 0)
+    assert len(features) + len(images) == len(mixed_shapes)

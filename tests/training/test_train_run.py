@@ -121,8 +121,8 @@ def test_cached_stage2_trains_only_the_unfrozen_tail_and_matches_the_full_model(
 
     # the val loss and accuracy logged from cached float16 maps match the saved full model run on the images
     from dermlab.data.datamodule import ImageDataset
+    from dermlab.data.run_data import prepare_run_data
     from dermlab.data.transforms import create_transform
-    from dermlab.training.run import prepare_run_data
 
     data = prepare_run_data(config, run)
     val = data.frame[data.frame["split"] == "val"].reset_index(drop=True)
@@ -167,7 +167,7 @@ def test_two_process_ddp_on_cpu_gives_a_valid_run_folder(ham_dir: Path, tmp_path
         sys.executable, "-m", "dermlab", "train", str(ham_dir), "--out", str(run),
         "--model", "test_efficientnet", "--weights", "none", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
         "--set", "model.input_size=[32,32]", "--set", "data.num_workers=0", "--set", "data.batch_size=4",
-        "--set", "train.stage1_epochs=1", "--set", "train.stage2_epochs=1",
+        "--set", "train.stage1_epochs=1", "--set", "train.stage2_epochs=1", "--set", "train.cached_features=false",
     ]
     env = {**os.environ, "DERMLAB_PROGRESS": "0", "PL_DISABLE_FORK": "1"}
     completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
@@ -208,3 +208,20 @@ def test_train_refuses_a_timm_name_without_weights_before_reading_data(tmp_path:
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: model.name test_efficientnet has no packaged weights") and "\n" not in err
     assert "model.weights=none" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_train_and_summarise_reads_the_dataset_once_and_records_its_stages(ham_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import dermlab.data.run_data as run_data
+    from dermlab.training.run import train_and_summarise
+
+    reads = []
+    real = run_data.load_dataset
+    monkeypatch.setattr(run_data, "load_dataset", lambda *args, **kwargs: reads.append(args) or real(*args, **kwargs))
+    config = _config(ham_dir, "train.stage1_epochs=1", "train.stage2_epochs=1", "data.augmentation=none")
+    finished = train_and_summarise(config, tmp_path / "run", extras={"label": "x"})
+    assert len(reads) == 1  # training and scoring share one read of the dataset
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["stages"] == finished.training.stages and [line.split(":")[0] for line in metrics["stages"]] == ["stage1", "stage2"]
+    assert metrics["label"] == "x" and {"val", "test"} <= set(metrics)
+    assert finished.summary["test"]["n"] == int((pd.read_csv(tmp_path / "run" / "splits.csv")["split"] == "test").sum())

@@ -25,6 +25,7 @@ _COMMAND_MODULES = [
     "experiment",
     "distill",
     "ensemble",
+    "adapt",
     "explain",
     "predict",
     "serve",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dermlab.cli._common import add_config_arguments, print_metrics_table, resolve_config
+from dermlab.config import DistillConfig, literal_choices
 
 __all__ = ["register", "run"]
 
@@ -62,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _student_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="the student's backbone, e.g. efficientnet_lite0.packaged")
     parser.add_argument("--temperature", type=float, help="softmax temperature T (distill.temperature, default 2)")
-    parser.add_argument("--curriculum", choices=["none", "instance", "balanced_subset"], help="distill.curriculum")
+    parser.add_argument("--curriculum", choices=literal_choices(DistillConfig, "curriculum"), help="distill.curriculum")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_config_arguments(parser)
 
@@ -85,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_experts(args: argparse.Namespace) -> int:
-    from dermlab.training.distillation import train_experts
+    from dermlab.training.experts import train_experts
 
     config = resolve_config(args, _common_overrides(args))
     runs = train_experts(
-        config, args.student_split, args.out, groups=args.groups, thresholds=args.thresholds, on_trained=_summarise
+        config, args.student_split, args.out, groups=args.groups, thresholds=args.thresholds, on_trained=_print_expert_summary
     )
     manifest = json.loads((Path(args.out) / "experts.json").read_text(encoding="utf-8"))
     for group, run_dir in zip(manifest["groups"], runs):
@@ -100,10 +101,10 @@ def _run_experts(args: argparse.Namespace) -> int:
 
 
 def _run_student(args: argparse.Namespace) -> int:
-    from dermlab.config import apply_overrides, load_config
+    from dermlab.config import apply_overrides
     from dermlab.errors import ConfigError
-    from dermlab.training.distillation import read_experts
-    from dermlab.training.run import train_run
+    from dermlab.training.experts import read_experts
+    from dermlab.training.run import train_and_summarise
 
     out = Path(args.out)
     if args.resume and (out / "config.yaml").is_file() and not args.config:
@@ -119,35 +120,24 @@ def _run_student(args: argparse.Namespace) -> int:
     config = apply_overrides(config, extra)
     if config.data.class_subset is not None:
         raise ConfigError("a distillation student trains on every class: unset data.class_subset")
-    result = train_run(config, out, resume=args.resume)
-    if not result.is_global_zero:
+    finished = train_and_summarise(config, out, resume=args.resume)
+    if finished.summary is None:
         return 0
-    summary = _summarise(out, load_config(out / "config.yaml"), {"wall_time_s": round(result.wall_time_s, 1), "best_val_score": result.best_score})
-    state = summary.get("distill") or {}
+    print_metrics_table(finished.summary, title=f"{config.model.name}: {out}")
+    state = finished.summary.get("distill") or {}
     names = state.get("expert_names", [])
     accuracies = state.get("expert_val_accuracy") or [None] * len(names)
     for name, accuracy, weight in zip(names, accuracies, state.get("expert_weights", [])):
         shown = "n/a" if accuracy is None else f"{accuracy:.3f}"
         print(f"teacher {name}: val accuracy on its classes {shown}, weight at the best checkpoint {weight:.3f}")
-    print(f"run folder: {out.resolve()}  (report: {out.resolve() / 'report.html'}, train time {result.wall_time_s:.0f} s)")
+    seconds = finished.training.wall_time_s
+    print(f"run folder: {out.resolve()}  (report: {out.resolve() / 'report.html'}, train time {seconds:.0f} s)")
     sys.stdout.flush()
     return 0
 
 
-def _summarise(run_dir: Path, config: Any, extras: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Score the run on val and test, write metrics.json (with the distillation state) and the report."""
-    from dermlab.evaluation.run_summary import summarise_run
-    from dermlab.models.checkpoint import resolve_checkpoint_path
-    from dermlab.training.distillation import distillation_summary
-    from dermlab.training.run import prepare_run_data
+def _print_expert_summary(result: Any, config: Any) -> None:
+    """Score a newly trained expert (metrics.json, report) and print its table."""
+    from dermlab.training.run import summarise_trained_run
 
-    data = prepare_run_data(config, run_dir)
-    extras = dict(extras or {})
-    state = distillation_summary(resolve_checkpoint_path(run_dir))
-    if state:
-        extras["distill"] = state
-    if config.data.class_subset is not None:
-        extras["class_subset"] = list(config.data.class_subset)
-    summary = summarise_run(run_dir, data.frame, extras=extras, num_workers=config.data.num_workers)
-    print_metrics_table(summary, title=f"{config.model.name}: {run_dir}")
-    return summary
+    print_metrics_table(summarise_trained_run(result, config), title=f"{config.model.name}: {result.run_dir}")

@@ -27,9 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dermlab.data.run_data import prepare_run_data
     from dermlab.evaluation.run_summary import summarise_run
     from dermlab.training.ensemble import create_ensemble_run
-    from dermlab.training.run import prepare_run_data
 
     started = time.perf_counter()
     out = Path(args.out)

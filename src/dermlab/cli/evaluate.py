@@ -54,14 +54,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dermlab.data.datasets import load_dataset
+    from dermlab.data.run_data import prepare_run_data
     from dermlab.errors import DataError
     from dermlab.evaluation.evaluate import evaluate_frame
-    from dermlab.models.checkpoint import load_checkpoint, resolve_checkpoint_path
-    from dermlab.training.run import prepare_run_data
+    from dermlab.models.checkpoint import load_checkpoint, resolve_checkpoint_path, run_folder_of
 
     loaded = load_checkpoint(args.run, raw_weights=args.weights == "raw")
     checkpoint = resolve_checkpoint_path(args.run)
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    run_dir = run_folder_of(checkpoint)
     if args.data:
         from dataclasses import replace
 
@@ -92,19 +92,49 @@ def run(args: argparse.Namespace) -> int:
         **behaviour_options(args),
     )
     print_metrics_table({args.split: metrics}, splits=(args.split,), title=f"{loaded.path}")
+    adapted = loaded.extras.get("adaptation")
+    if isinstance(adapted, dict):
+        print(f"this model was adapted with {adapted.get('method')} on {adapted.get('images')} unlabelled images "
+              f"({', '.join(adapted.get('inputs') or [])}): scoring it on those same images measures the adapted model there")
     calibration, abstention = metrics.get("calibration") or {}, metrics.get("abstention")
     print(
         f"TTA views: {', '.join(metrics.get('tta') or ['identity'])}; temperature {calibration.get('temperature', 1.0):.4g}: "
         f"ECE {calibration.get('ece_before', float('nan')):.4f} -> {calibration.get('ece_after', float('nan')):.4f}"
         + (f"; uncertain: {100 * abstention['rejected']:.1f}% of the images" if abstention else "")
     )
+    if metrics.get("present_classes"):
+        print(present_classes_line(metrics["present_classes"]))
     print(f"wrote {out / 'metrics.json'} and {out / 'predictions.csv'}")
     return 0
 
 
+def present_classes_line(present: dict) -> str:
+    """One paragraph on data holding some of the model's classes: both softmax views (see evaluation.present_classes)."""
+    restricted, full = present["restricted_softmax"], present["full_softmax"]
+    intervals = restricted.get("intervals") or {}
+
+    def with_interval(key: str, value: float | None) -> str:
+        if value is None:
+            return "n/a"
+        interval = intervals.get(key)
+        return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+    names = present["classes"]
+    # with two classes each one's AUC against the other is the same number, the macro AUC
+    auc_name = f"AUC {names[0]} vs {names[1]}" if len(names) == 2 else "macro AUC"
+    recalls = ", ".join(f"{name} {value:.3f}" for name, value in full["recall"].items())
+    return (
+        f"classes present: {', '.join(names)} ({len(names)} of the model's {len(present['of'])}). "
+        f"Recall over all {len(present['of'])} classes: {recalls}. Softmax restricted to the classes present: "
+        f"accuracy {with_interval('accuracy', restricted['accuracy'])}, balanced accuracy "
+        f"{with_interval('balanced_accuracy', restricted['balanced_accuracy'])}, {auc_name} {with_interval('auc_macro', restricted['auc_macro'])}"
+    )
+
+
 def _note_missing_metadata(loaded: LoadedModel, rows: pd.DataFrame) -> None:
     """Say so when a metadata-fusion model is scored on images without age, sex and localization."""
-    from dermlab.models.fusion import METADATA_COLUMNS, uses_metadata
+    from dermlab.data.metadata import METADATA_COLUMNS
+    from dermlab.models.classifier import uses_metadata
 
     if uses_metadata(loaded.model) and not any(column in rows for column in METADATA_COLUMNS):
         print(

@@ -26,12 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dermlab.models.checkpoint import load_checkpoint
+    from dermlab.models.checkpoint import load_checkpoint, run_folder_of
     from dermlab.serving.onnx_export import export_onnx
 
     loaded = load_checkpoint(args.run)
     checkpoint = loaded.path
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    run_dir = run_folder_of(checkpoint)
     out = Path(args.out) if args.out else run_dir / "export" / "model.onnx"
     export_onnx(loaded, out, opset=args.opset)
     print(f"wrote {out} and {out.name}.json (model {loaded.model_id}, opset {args.opset}, checked against torch)")

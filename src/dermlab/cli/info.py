@@ -7,10 +7,10 @@ from collections import Counter
 from typing import Any
 
 from dermlab.config import DataConfig, literal_choices
+from dermlab.data.datasets import layout_choices
 
 __all__ = ["register", "run"]
 
-_LAYOUT_CHOICES = ("auto", "ham10000", "folders", "csv")
 _SHOWN_SKIPPED = 10
 _SHOWN_EXAMPLES = 3
 
@@ -24,7 +24,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("data", metavar="DATA", help="dataset folder or CSV file")
     parser.add_argument(
-        "--layout", choices=_LAYOUT_CHOICES, default="auto", help="dataset layout (default: auto)"
+        "--layout", choices=layout_choices(), default="auto", help="dataset layout (default: auto)"
     )
     parser.add_argument(
         "--skip-bad",
@@ -121,8 +121,8 @@ def _print_copies(console: Any, table: Any, config: DataConfig, csv_path: str | 
     from pathlib import Path
 
     from dermlab.data.duplicates import compute_image_hashes, copy_group_table, group_copies
-    from dermlab.training.progress import show_bars
     from dermlab.io import atomic_write_text
+    from dermlab.training.progress import show_bars
 
     frame = table.frame
     hashes = compute_image_hashes(frame["path"], config.cache_dir, workers=2, progress=show_bars())

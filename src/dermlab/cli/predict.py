@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     predictor = Predictor.from_path(args.run, engine=args.engine, batch_size=args.batch_size, **behaviour_options(args))
     metadata = None
     if args.metadata:
-        from dermlab.models.fusion import read_metadata_csv
+        from dermlab.data.metadata import read_metadata_csv
 
         predictor.refuse_metadata_unless_fused(True)
         metadata = read_metadata_csv(args.metadata)
@@ -176,7 +176,7 @@ def _predictions_table(
     if abstention:
         table["uncertain"] = [bool(result.uncertain) for result in results]
     if metadata:
-        from dermlab.models.fusion import PatientMetadata
+        from dermlab.data.metadata import PatientMetadata
 
         given = [result.metadata or PatientMetadata() for result in results]
         table["metadata"] = [record.status for record in given]

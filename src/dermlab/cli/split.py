@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from dermlab.config import DataConfig, literal_choices
+from dermlab.data.datasets import layout_choices
 
 __all__ = ["register", "run"]
 
-_LAYOUT_CHOICES = ("auto", "ham10000", "folders", "csv")
 
 
 def register(subparsers: Any) -> None:
@@ -23,12 +23,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("data", metavar="DATA", help="dataset folder or CSV file")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder that receives splits.csv")
     parser.add_argument(
-        "--ratios", type=float, nargs=3, default=[0.6, 0.2, 0.2], metavar=("TRAIN", "VAL", "TEST"),
-        help="split proportions (default: 0.6 0.2 0.2)",
+        "--ratios", type=float, nargs=3, default=DataConfig().split_ratios, metavar=("TRAIN", "VAL", "TEST"),
+        help=f"split proportions (default: {' '.join(f'{r:g}' for r in DataConfig().split_ratios)})",
     )
-    parser.add_argument("--seed", type=int, default=42, help="split seed (default: 42)")
+    parser.add_argument("--seed", type=int, default=DataConfig.split_seed, help=f"split seed (default: {DataConfig.split_seed})")
     parser.add_argument(
-        "--layout", choices=_LAYOUT_CHOICES, default="auto", help="dataset layout (default: auto)"
+        "--layout", choices=layout_choices(), default="auto", help="dataset layout (default: auto)"
     )
     parser.add_argument(
         "--skip-bad", action="store_true", help="decode every image first; leave out bad images and rows"
@@ -55,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
 
     from dermlab.data.datasets import load_dataset
     from dermlab.data.duplicates import duplicates_cache_dir, record_excluded_copies, resolve_copies
-    from dermlab.training.progress import show_bars
     from dermlab.data.splits import SPLITS_FILE, create_splits, save_splits, split_count_table
+    from dermlab.training.progress import show_bars
 
     config = DataConfig(
         layout=args.layout, skip_bad=args.skip_bad, split_ratios=list(args.ratios), split_seed=args.seed,

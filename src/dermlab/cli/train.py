@@ -68,11 +68,8 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from dermlab.config import load_config
-    from dermlab.evaluation.run_summary import summarise_run
     from dermlab.models.factory import resolve_weights_source
-    from dermlab.training.checkpoint_io import remove_stale_temporaries
-    from dermlab.training.run import prepare_run_data, train_run
+    from dermlab.training.run import train_and_summarise
     from dermlab.training.signals import TrainingInterrupted
 
     out = Path(args.out)
@@ -82,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     resuming = " (resuming: the run's checkpoints hold the weights trained so far)" if args.resume else ""
     print(f"{resolve_weights_source(config.model).describe()}{resuming}", flush=True)
     try:
-        result = train_run(config, out, resume=args.resume)
+        finished = train_and_summarise(config, out, resume=args.resume)
     except TrainingInterrupted as interrupted:  # Ctrl+C: the epoch was finished and saved first
         print(f"interrupted: {interrupted}", file=sys.stderr)
         return 130
@@ -92,17 +89,10 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 143
-    if not result.is_global_zero:
+    if finished.summary is None:  # another process of a DDP run: rank 0 scores and reports
         return 0
-    remove_stale_temporaries(out, recursive=True)  # e.g. a plot whose write a kill cut short; training is over
-    data = prepare_run_data(load_config(out / "config.yaml"), out)
-    summary = summarise_run(
-        out,
-        data.frame,
-        extras={"wall_time_s": round(result.wall_time_s, 1), "best_val_score": result.best_score, "monitor": config.train.monitor},
-        num_workers=config.data.num_workers,
-    )
-    print_metrics_table(summary, title=f"{config.model.name} on {config.data.path}")
-    print(f"run folder: {out.resolve()}  (report: {out.resolve() / 'report.html'}, train time {result.wall_time_s:.0f} s)")
+    print_metrics_table(finished.summary, title=f"{config.model.name} on {config.data.path}")
+    seconds = finished.training.wall_time_s
+    print(f"run folder: {out.resolve()}  (report: {out.resolve() / 'report.html'}, train time {seconds:.0f} s)")
     sys.stdout.flush()
     return 0

@@ -1,4 +1,5 @@
-"""Datasets and the LightningDataModule that feed images (or cached features) to the model.
+"""Datasets and the LightningDataModule that feed images to the model (cached features have their own loaders,
+built by the stage that reads them: :mod:`dermlab.training.features`).
 
 Augmentation randomness is keyed per draw: the sampler yields ``(index, seed)`` pairs and the dataset seeds
 torch's generator from that key before transforming. The same seed and epoch therefore give the same

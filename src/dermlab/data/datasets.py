@@ -48,6 +48,8 @@ __all__ = [
     "DatasetReader",
     "LAYOUTS",
     "detect_layout",
+    "AUTO_LAYOUT",
+    "layout_choices",
     "load_dataset",
 ]
 
@@ -92,6 +94,13 @@ DatasetReader = Callable[[Path, DataConfig, bool], DatasetTable]
 """``reader(path, config, verify_images) -> DatasetTable``."""
 
 LAYOUTS: Registry[DatasetReader] = Registry("dataset layout")
+AUTO_LAYOUT = "auto"
+"""``data.layout`` value that detects the layout from the folder (:func:`detect_layout`)."""
+
+
+def layout_choices() -> list[str]:
+    """What ``data.layout`` (and ``--layout``) accepts: ``auto`` and every registered layout."""
+    return [AUTO_LAYOUT, *LAYOUTS.list()]
 
 
 def load_dataset(
@@ -116,7 +125,7 @@ def load_dataset(
         raise DataError(f"{path}: dataset not found")
     if config.classes is not None and len(set(config.classes)) != len(config.classes):
         raise ConfigError(f"data.classes lists a class twice: {config.classes}")
-    layout = detect_layout(path) if config.layout == "auto" else config.layout
+    layout = detect_layout(path) if config.layout == AUTO_LAYOUT else config.layout
     return LAYOUTS.get(layout)(path, config, verify_images)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from dermlab.config import DataConfig
 from dermlab.data.datasets import DatasetTable
 from dermlab.errors import ConfigError, DataError
 from dermlab.io import atomic_write_text
@@ -38,13 +39,17 @@ _log = logging.getLogger(__name__)
 
 
 def create_splits(
-    table: DatasetTable, ratios: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 42
+    table: DatasetTable, ratios: Sequence[float] | None = None, seed: int | None = None
 ) -> pd.Series:
     """A ``train`` / ``val`` / ``test`` value for every row of ``table.frame`` (same index), named ``split``.
 
+    ``ratios`` and ``seed`` default to ``data.split_ratios`` and ``data.split_seed``'s defaults (6:2:2, 42).
+
     Raises ``DataError`` naming the class when a class has too few groups to appear in every non-empty split.
     """
-    ratios = _check_ratios(ratios)
+    defaults = DataConfig()
+    ratios = _check_ratios(defaults.split_ratios if ratios is None else ratios)
+    seed = defaults.split_seed if seed is None else seed
     frame = table.frame
     fixed = frame["fixed_split"] if "fixed_split" in frame else pd.Series("", index=frame.index)
     splits = pd.Series("", index=frame.index, dtype=str, name="split")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-
 from typing import Any
 
 import torch
@@ -44,7 +43,7 @@ from dermlab.data.preprocessing import Preprocessing
 from dermlab.errors import ConfigError
 from dermlab.registry import Registry
 
-__all__ = ["AUGMENTATIONS", "COLOR_CONSTANCY", "create_transform", "create_color_constancy"]
+__all__ = ["AUGMENTATIONS", "COLOR_CONSTANCY", "create_transform", "create_color_constancy", "describe_transform"]
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -55,6 +54,24 @@ AUGMENTATIONS: Registry[Callable[[Preprocessing], list[Transform]]] = Registry("
 COLOR_CONSTANCY: Registry[Callable[..., Transform]] = Registry("colour constancy method")
 COLOR_CONSTANCY.add("shades_of_gray", lambda p=DEFAULT_P: ShadesOfGray(p))
 COLOR_CONSTANCY.add("gray_world", lambda p=DEFAULT_P: ShadesOfGray(1.0))  # p is Gray World's own: 1
+
+
+def describe_transform(transform: Any) -> str:
+    """Text that changes whenever the pipeline's steps or their parameters do: the feature caches' key.
+
+    The pipeline's ``repr`` (each step and its parameters) and every nested step's probability ``p`` (which
+    ``RandomApply``'s ``repr`` leaves out), so an edited preset never reuses features cached with the old one.
+    """
+    parts = [repr(transform)]
+
+    def walk(step: Any, where: str) -> None:
+        if hasattr(step, "p"):
+            parts.append(f"{where}{type(step).__name__}.p={step.p}")
+        for position, child in enumerate(getattr(step, "transforms", None) or []):
+            walk(child, f"{where}{position}.")
+
+    walk(transform, "")
+    return "\n".join(parts)
 
 
 def create_transform(preset: str, preprocessing: Preprocessing, train: bool) -> v2.Compose:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from dermlab.config import EvaluationConfig
 from dermlab.data.datamodule import ImageDataset
 from dermlab.data.images import read_image
+from dermlab.data.metadata import encode_metadata
 from dermlab.data.transforms import create_transform
 from dermlab.errors import DataError
 from dermlab.evaluation.abstention import AbstentionRule, abstention_summary
@@ -30,10 +31,11 @@ from dermlab.evaluation.inference import (
 )
 from dermlab.evaluation.metrics import compute_metrics
 from dermlab.evaluation.plots import plot_confusion_matrix, plot_reliability_diagram, plot_roc_curves
+from dermlab.evaluation.present_classes import present_class_metrics
 from dermlab.evaluation.tta import average_probabilities, resolve_tta_views, view_logits
 from dermlab.io import atomic_save, atomic_write_json
 from dermlab.models.checkpoint import LoadedModel
-from dermlab.models.fusion import encode_metadata, uses_metadata
+from dermlab.models.classifier import uses_metadata
 
 __all__ = [
     "predict_logits",
@@ -207,6 +209,9 @@ def score_predictions(
         ece_bins=evaluation.ece_bins,
     )
     metrics["data_fingerprint"] = data_fingerprint(predictions)
+    present = present_class_metrics(y_true, y_prob, list(classes), evaluation, groups=groups)
+    if present is not None:  # e.g. an external folder of melanomas and nevi only
+        metrics["present_classes"] = present
     if evaluation.bootstrap_resamples > 0:
         metrics.update(
             bootstrap_intervals(

@@ -28,7 +28,7 @@ from dermlab.explain.gallery import GalleryItem, render_gallery, render_gallery_
 from dermlab.explain.gradcam import CAM_METHODS, CamExplainer, overlay_cam
 from dermlab.explain.mask_agreement import cam_energy_in_mask, pointing_game_hit, summarise_mask_agreement
 from dermlab.io import atomic_save, atomic_write_json
-from dermlab.models.checkpoint import LoadedModel, load_checkpoint, resolve_checkpoint_path
+from dermlab.models.checkpoint import LoadedModel, load_checkpoint, run_dir_of
 
 __all__ = [
     "GalleryResult",
@@ -39,7 +39,6 @@ __all__ = [
     "load_run_predictions",
     "measure_mask_agreement",
     "render_overlay",
-    "run_dir_of",
 ]
 
 _DISPLAY_MAX_SIDE = 320  # gallery thumbnails: enough for a 2.4-inch panel at 100 dpi, cheap to keep in memory
@@ -65,12 +64,6 @@ class ImageExplanation:
     target: str
     target_probability: float
     empty_map: bool  # the CAM is zero everywhere: no positive evidence for the target in this layer
-
-
-def run_dir_of(run_or_checkpoint: str | Path) -> Path:
-    """The run folder of a run folder or of a checkpoint file (``RUN/checkpoints/x.ckpt`` -> ``RUN``)."""
-    checkpoint = resolve_checkpoint_path(run_or_checkpoint)
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
 def _device() -> torch.device:
@@ -198,7 +191,7 @@ def _labelled_frame(loaded: LoadedModel, run_dir: Path, split: str, data: str | 
     else:
         if not (run_dir / "splits.csv").is_file():
             raise DataError(f"{run_dir}: no eval/{split}/predictions.csv and no splits.csv; pass --data DATA")
-        from dermlab.training.run import prepare_run_data
+        from dermlab.data.run_data import prepare_run_data
 
         frame = prepare_run_data(loaded.config, run_dir).frame
     rows = frame if split == "all" else frame[frame["split"] == split]

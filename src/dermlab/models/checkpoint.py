@@ -23,6 +23,8 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
     "resolve_checkpoint_path",
+    "run_folder_of",
+    "run_dir_of",
     "checkpoint_metadata",
     "update_checkpoint_metadata",
     "RAW_WEIGHTS_KEY",
@@ -107,6 +109,17 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint or run folder")
     return path
+
+
+def run_folder_of(checkpoint: str | Path) -> Path:
+    """The run folder a checkpoint file belongs to: ``RUN/checkpoints/x.ckpt`` -> ``RUN``, else its folder."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def run_dir_of(run_or_checkpoint: str | Path) -> Path:
+    """The run folder of a run folder or of a checkpoint file (the checkpoint is resolved first)."""
+    return run_folder_of(resolve_checkpoint_path(run_or_checkpoint))
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:

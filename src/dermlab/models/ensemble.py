@@ -22,7 +22,7 @@ from dermlab.config import config_from_dict
 from dermlab.data.preprocessing import Preprocessing
 from dermlab.errors import CheckpointError
 
-__all__ = ["ENSEMBLE_NAME", "EnsembleClassifier", "ensemble_from_metadata", "member_entry"]
+__all__ = ["ENSEMBLE_NAME", "EnsembleClassifier", "ensemble_from_metadata"]
 
 #: the ``model.name`` of an ensemble's config
 ENSEMBLE_NAME = "ensemble"
@@ -39,7 +39,7 @@ class EnsembleClassifier(nn.Module):
         super().__init__()
         if not members or len(members) != len(preprocessing) or len(members) != len(temperatures):
             raise CheckpointError("an ensemble needs at least one member, each with its preprocessing and temperature")
-        from dermlab.models.fusion import uses_metadata
+        from dermlab.models.classifier import uses_metadata
 
         self.members = nn.ModuleList(members)
         self.member_sizes = [tuple(int(v) for v in p.input_size) for p in preprocessing]
@@ -69,20 +69,6 @@ class EnsembleClassifier(nn.Module):
             probabilities = p if probabilities is None else probabilities + p
         assert probabilities is not None
         return torch.log((probabilities / len(self.members)).clamp_min(1e-12))
-
-
-def member_entry(run: str, loaded: Any) -> dict[str, Any]:
-    """What an ensemble checkpoint keeps of one member (a :class:`~dermlab.models.checkpoint.LoadedModel`)."""
-    from dermlab.config import config_to_dict
-    from dermlab.evaluation.inference import checkpoint_temperature
-
-    return {
-        "run": str(run),
-        "config": config_to_dict(loaded.config),
-        "classes": list(loaded.classes),
-        "preprocessing": loaded.preprocessing.to_dict(),
-        "temperature": checkpoint_temperature(loaded.extras, str(loaded.path)),
-    }
 
 
 def ensemble_from_metadata(entry: Mapping[str, Any], num_classes: int, source: str) -> EnsembleClassifier:

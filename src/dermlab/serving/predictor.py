@@ -4,7 +4,7 @@ abstention, metadata, Grad-CAM.
 By default a predictor behaves as ``dermlab evaluate`` scores the run: the run's own TTA views, the
 checkpoint's temperature and its abstention rule (:mod:`dermlab.evaluation.inference`); ``tta``, ``calibrated``
 and ``abstain`` override them. A metadata-fusion model takes each image's age, sex and localization
-(:class:`dermlab.models.fusion.PatientMetadata`); an image without them is predicted with all three unknown,
+(:class:`dermlab.data.metadata.PatientMetadata`); an image without them is predicted with all three unknown,
 and every result says which it was.
 
 A :class:`Predictor` is shared by every request of the web app, so each call into the network holds a lock:
@@ -28,14 +28,15 @@ import torch
 from PIL import Image
 
 from dermlab.data.images import read_image
+from dermlab.data.metadata import PatientMetadata, encode_patient_metadata
 from dermlab.data.preprocessing import Preprocessing
 from dermlab.data.transforms import create_transform
 from dermlab.errors import CheckpointError, ConfigError, DataError
 from dermlab.evaluation.abstention import AbstentionRule
 from dermlab.evaluation.inference import InferenceBehaviour, resolve_behaviour
 from dermlab.evaluation.tta import DEFAULT_TTA_VIEWS, TTA_VIEWS, view_logits
-from dermlab.models.checkpoint import LoadedModel
-from dermlab.models.fusion import PatientMetadata, encode_patient_metadata, uses_metadata
+from dermlab.models.checkpoint import LoadedModel, run_folder_of
+from dermlab.models.classifier import uses_metadata
 
 __all__ = [
     "ENGINES",
@@ -366,7 +367,7 @@ def resolve_onnx_path(path: str | Path) -> Path:
     if path.is_dir():
         run_dir = path
     elif path.is_file():
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        run_dir = run_folder_of(path)
     else:
         raise CheckpointError(f"{path}: no such ONNX file or run folder")
     candidate = run_dir / "export" / "model.onnx"

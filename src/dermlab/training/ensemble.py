@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from dermlab.config import Config, save_config
+from dermlab.config import Config, config_to_dict, save_config
 from dermlab.errors import ConfigError, DataError
+from dermlab.evaluation.inference import checkpoint_temperature
 from dermlab.io import atomic_write_bytes, atomic_write_json
-from dermlab.models.checkpoint import load_checkpoint, resolve_checkpoint_path, save_checkpoint
-from dermlab.models.ensemble import ENSEMBLE_NAME, EnsembleClassifier, member_entry
+from dermlab.models.checkpoint import load_checkpoint, run_dir_of, save_checkpoint
+from dermlab.models.ensemble import ENSEMBLE_NAME, EnsembleClassifier
 
 __all__ = ["EnsembleRun", "create_ensemble_run"]
 
@@ -27,18 +29,13 @@ class EnsembleRun:
     member_wall_times: list[float]
 
 
-def _run_dir(path: str | Path) -> Path:
-    checkpoint = resolve_checkpoint_path(path)
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-
-
 def create_ensemble_run(runs: list[str], out: str | Path) -> EnsembleRun:
     """Write the ensemble of ``runs`` into ``out`` (see the module docstring); it is not scored here."""
     out = Path(out)
     if (out / "checkpoints").exists() or (out / "config.yaml").exists():
         raise ConfigError(f"{out}: this folder already holds a run; pick a new --out")
     loaded = [load_checkpoint(path) for path in runs]
-    run_dirs = [_run_dir(path) for path in runs]
+    run_dirs = [run_dir_of(path) for path in runs]
     classes = loaded[0].classes
     for path, member in zip(runs, loaded):
         if member.classes != classes:
@@ -70,3 +67,14 @@ def _wall_time(run_dir: Path) -> float:
         return float(json.loads((run_dir / "metrics.json").read_text()).get("wall_time_s") or 0.0)
     except (OSError, ValueError, AttributeError):
         return 0.0
+
+
+def member_entry(run: str, loaded: Any) -> dict[str, Any]:
+    """What an ensemble checkpoint keeps of one member (a :class:`~dermlab.models.checkpoint.LoadedModel`)."""
+    return {
+        "run": str(run),
+        "config": config_to_dict(loaded.config),
+        "classes": list(loaded.classes),
+        "preprocessing": loaded.preprocessing.to_dict(),
+        "temperature": checkpoint_temperature(loaded.extras, str(loaded.path)),
+    }

@@ -23,7 +23,7 @@ from dermlab.data.datamodule import ImageDataset, KeyedSampler, draw_seed
 from dermlab.io import atomic_save
 from dermlab.training.progress import step_progress
 
-__all__ = ["compute_features", "load_or_compute_features", "FeatureDataset", "ViewCyclingSampler"]
+__all__ = ["compute_features", "feature_cache_key", "load_or_compute_features", "weights_fingerprint", "FeatureDataset", "ViewCyclingSampler"]
 
 
 @torch.inference_mode()
@@ -82,6 +82,40 @@ def _progress(description: str, total: int) -> Iterator[Any]:
 
 def _cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def feature_cache_key(
+    config: Any, preprocessing: Any, transform: Any, views: int, frame: Any, model: torch.nn.Module, trunk_cut: int | None = None
+) -> dict[str, Any]:
+    """What cached features of ``frame``'s images depend on: the backbone and its weights, the preprocessing,
+    every step and parameter of ``transform`` (:func:`~dermlab.data.transforms.describe_transform`), the number
+    of views and the seed; ``trunk_cut`` for cached trunk maps (the module the trunk stops before)."""
+    from dermlab.data.transforms import describe_transform
+
+    key = {
+        "model": config.model.name,
+        "weights": config.model.weights,
+        "pretrained": config.model.pretrained,
+        "preprocessing": preprocessing.to_dict(),
+        "transform": describe_transform(transform),
+        "views": views,
+        "seed": config.train.seed,
+        "images": frame["image_id"].tolist(),
+        "state": weights_fingerprint(model),
+    }
+    if trunk_cut is not None:
+        key["trunk_cut"] = trunk_cut
+    return key
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap fingerprint of the backbone weights, so a different initialisation never reuses a cache."""
+    state = model.backbone.state_dict()
+    digest = hashlib.sha256()
+    for name, tensor in list(state.items())[:: max(1, len(state) // 16)]:
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().flatten()[:256].numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def load_or_compute_features(cache_dir: Path, key_parts: dict[str, Any], compute: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -13,7 +14,7 @@ from torchmetrics.classification import MulticlassAUROC, MulticlassStatScores
 
 from dermlab.data.datamodule import draw_seed
 
-__all__ = ["ClassifierModule", "cosine_with_warmup", "parameter_groups"]
+__all__ = ["ClassifierModule", "LossTerm", "TermStep", "cosine_with_warmup", "parameter_groups"]
 
 
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
@@ -46,6 +47,42 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+@dataclass
+class TermStep:
+    """What a loss term gives for one training batch: its share of the loss (already weighted), per-image
+    weights for the task loss (or None), and values to log."""
+
+    loss: torch.Tensor
+    sample_weight: torch.Tensor | None = None
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class LossTerm:
+    """An extra term of :class:`ClassifierModule`'s training loss (e.g. distillation from teachers).
+
+    ``step`` sees each training batch after the forward pass (the inputs the student saw, possibly mixed, its
+    logits, the targets and the batch's extra items); the other hooks let a term follow validation and keep
+    its state in the checkpoint. The defaults do nothing.
+    """
+
+    name = "term"
+
+    def on_fit_start(self, module: ClassifierModule) -> None:
+        pass
+
+    def step(self, module: ClassifierModule, inputs: Any, logits: torch.Tensor, targets: torch.Tensor, extra: Sequence[torch.Tensor]) -> TermStep:
+        raise NotImplementedError
+
+    def on_validation_epoch_end(self, module: ClassifierModule, val_stats: Any) -> dict[str, float]:
+        return {}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        pass
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        pass
+
+
 class ClassifierModule(L.LightningModule):
     """Trains ``model`` (a :class:`~dermlab.models.factory.DermClassifier`) with ``loss``.
 
@@ -54,6 +91,8 @@ class ClassifierModule(L.LightningModule):
     backbone, see :mod:`dermlab.models.trunk`) turns them into pooled features first (cached stage 2).
     ``mixer`` (from :mod:`dermlab.training.mixing`) mixes images and the loss is mixed by lambda.
     ``metadata`` is stored in every checkpoint under ``"dermlab"`` (config, classes, preprocessing).
+    ``term`` (a :class:`LossTerm`, e.g. distillation) adds its share to the loss and may weight the task loss
+    per image; the task loss is then logged as ``train/ce`` beside ``train/loss``.
     """
 
     def __init__(
@@ -76,8 +115,10 @@ class ClassifierModule(L.LightningModule):
         epoch_offset: int = 0,
         feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         layer_decay: float = 1.0,
+        term: LossTerm | None = None,
     ) -> None:
         super().__init__()
+        self.term = term  # a plain object: a teacher it holds stays out of state_dict
         self.model = model
         self.loss = loss
         self.classes = list(classes)
@@ -127,19 +168,30 @@ class ClassifierModule(L.LightningModule):
         torch.manual_seed(draw_seed(self.seed, 1, self.global_step))
 
     # ------------------------------------------------------------------ steps
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        inputs, targets = batch
+    def on_fit_start(self) -> None:
+        if self.term is not None:
+            self.term.on_fit_start(self)
+
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, targets, extra = batch[0], batch[1], tuple(batch[2:])
+        mixed = None
         mixing_active = self.mixer is not None and self.mixed_loss is not None
         if mixing_active and hasattr(self.mixer, "active"):
             mixing_active = bool(self.mixer.active(self.current_epoch, self.trainer.max_epochs))
         if mixing_active:
             mixed = self.mixer(inputs, targets)
-            logits = self(mixed.images)
-            loss = self.mixed_loss(self.loss, logits, mixed)
-        else:
-            logits = self(inputs)
-            loss = self.loss(logits, targets)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets), sync_dist=True)
+            inputs = mixed.images
+        logits = self(inputs)
+        term = self.term.step(self, inputs, logits, targets, extra) if self.term is not None else None
+        weight = {} if term is None or term.sample_weight is None else {"sample_weight": term.sample_weight}
+        task = self.mixed_loss(self.loss, logits, mixed, **weight) if mixed is not None else self.loss(logits, targets, **weight)
+        loss = task if term is None else task + term.loss
+        size = len(targets)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
+        if term is not None:
+            self.log("train/ce", task, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+            for key, value in term.logs.items():
+                self.log(key, value, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -152,6 +204,10 @@ class ClassifierModule(L.LightningModule):
         self.log("val/loss", loss, on_step=False, on_epoch=True, batch_size=len(targets), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
+        if self.term is not None:
+            logs = self.term.on_validation_epoch_end(self, self.val_stats)
+            if logs:
+                self.log_dict(logs)
         stats = self.val_stats.compute()  # (C, 5): tp, fp, tn, fn, support
         tp, fp, _, fn, support = stats.float().unbind(dim=1)
         present = support > 0
@@ -197,3 +253,9 @@ class ClassifierModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dermlab"] = dict(self.metadata)
+        if self.term is not None:
+            self.term.on_save_checkpoint(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.term is not None:
+            self.term.on_load_checkpoint(checkpoint)

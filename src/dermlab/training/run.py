@@ -1,8 +1,12 @@
 """One training run, from a config to a finished run folder (see docs/architecture.md for its layout).
 
-Stage 1 trains the head with the backbone frozen (from cached features when it can), stage 2 unfreezes the
-last N blocks (or all) at a lower learning rate. Each stage keeps its own ``last.ckpt`` so ``resume`` continues
-at the right stage, epoch and step; the best checkpoint over both stages becomes ``checkpoints/best.ckpt``.
+A run is the list of stages :func:`~dermlab.training.stages.plan_stages` declares from the config (stage 1 the
+head with the backbone frozen, stage 2 the last N block groups or all of them). :func:`train_run` walks it:
+each stage builds its inputs with the builder :data:`STAGE_BUILDERS` names for them (pixels, cached features,
+cached trunk maps), fits, and keeps its own ``last.ckpt`` so ``resume`` continues at the right stage, epoch and
+step; each stage starts from the previous stage's best checkpoint, and the best checkpoint over the stages
+becomes ``checkpoints/best.ckpt``. :func:`train_and_summarise` also finishes the run: the TTA views,
+temperature, abstention and decision rules fitted on val, ``metrics.json``, the report and the model card.
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ import json
 import logging
 import shutil
 import time
-from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,44 +25,45 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
 from torch.utils.data import DataLoader
 
 from dermlab.config import Config, save_config
 from dermlab.data.cache import create_image_loader
 from dermlab.data.datamodule import DermDataModule
-from dermlab.data.datasets import DatasetTable, load_dataset
-from dermlab.data.duplicates import duplicates_cache_dir, record_excluded_copies, resolve_copies
-from dermlab.data.splits import create_splits, load_splits, save_splits
+from dermlab.data.metadata import encode_metadata
+from dermlab.data.preprocessing import Preprocessing
+from dermlab.data.run_data import RunData, prepare_run_data
 from dermlab.data.transforms import create_transform
-from dermlab.errors import ConfigError, DataError
+from dermlab.errors import ConfigError
 from dermlab.io import atomic_save, atomic_write_json
 from dermlab.losses import create_loss
 from dermlab.models.checkpoint import checkpoint_metadata
+from dermlab.models.classifier import DermClassifier
 from dermlab.models.factory import create_model, resolve_preprocessing
 from dermlab.models.freezing import freeze_backbone, unfreeze_last_blocks
-from dermlab.models.fusion import check_fusion_config, encode_metadata
-from dermlab.training.curriculum import create_curriculum_sampler
-from dermlab.training.ema import RunSizedEMA
-from dermlab.training.distillation import Distillation, create_distillation
 from dermlab.training.checkpoint_io import AtomicCheckpointIO, LastCheckpoint, remove_stale_temporaries
-from dermlab.training.features import FeatureDataset, ViewCyclingSampler, compute_features, load_or_compute_features
+from dermlab.training.checks import check_combinations, check_names
+from dermlab.training.curriculum import create_curriculum_sampler
+from dermlab.training.distillation import Distillation, create_distillation, distillation_summary
+from dermlab.training.ema import RunSizedEMA
+from dermlab.training.features import (
+    FeatureDataset,
+    ViewCyclingSampler,
+    compute_features,
+    feature_cache_key,
+    load_or_compute_features,
+)
 from dermlab.training.loggers import AppendingCSVLogger
 from dermlab.training.module import ClassifierModule
-from dermlab.training.progress import show_bars, stage_progress_callbacks
+from dermlab.training.progress import progress_mode, show_bars, stage_progress_callbacks
 from dermlab.training.samplers import create_sampler
 from dermlab.training.signals import GracefulInterrupt, TrainingInterrupted, stop_reason
+from dermlab.training.stages import Stage, plan_stages
 
-__all__ = ["TrainingResult", "train_run", "prepare_run_data", "RunData"]
+__all__ = ["STAGE_BUILDERS", "FinishedRun", "TrainingResult", "summarise_trained_run", "train_and_summarise", "train_run"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunData:
-    table: DatasetTable
-    frame: pd.DataFrame  # the dataset frame with a ``split`` column
-    classes: list[str]
-    unfiltered: pd.DataFrame | None = None  # with data.class_subset: the frame before other classes were dropped
 
 
 @dataclass
@@ -68,50 +73,306 @@ class TrainingResult:
     best_score: float | None
     wall_time_s: float
     is_global_zero: bool = True
+    data: RunData | None = None  # the run's data as training read it (so finishing the run reads it no more)
+    stages: list[str] = field(default_factory=list)  # each stage's description, in order
 
 
-def prepare_run_data(config: Config, run_dir: Path) -> RunData:
-    """Read the dataset and the split: reuse ``run_dir/splits.csv`` (or ``data.splits_file``), else make it."""
-    if not config.data.path:
-        raise ConfigError("data.path is not set: pass the dataset folder (dermlab train DATA ...)")
-    table = load_dataset(config.data.path, config.data)
-    # copies (data.duplicates): merged into the split groups; test-folder copies and label conflicts left out
-    copies = resolve_copies(
-        table,
-        config.data,
-        cache_dir=duplicates_cache_dir(config.data, run_dir),
-        workers=config.data.num_workers,
-        progress=show_bars(),
-    )
-    table = copies.table
-    splits_path = run_dir / "splits.csv"
-    source = splits_path if splits_path.is_file() else (Path(config.data.splits_file) if config.data.splits_file else None)
-    if source is not None:
-        splits = load_splits(source, table, left_out=copies.excluded["image_id"])
+@dataclass
+class FinishedRun:
+    training: TrainingResult
+    summary: dict[str, Any] | None  # metrics.json's content; None on the other processes of a DDP run
+
+
+@dataclass
+class _RunParts:
+    """What every stage of one run shares: its config, data, model, loss, transforms, teachers and loggers."""
+
+    config: Config
+    run_dir: Path
+    data: RunData
+    model: DermClassifier
+    loss: nn.Module
+    preprocessing: Preprocessing
+    train_transform: Any
+    eval_transform: Any
+    distill: Distillation | None
+    loggers: list
+    module_kwargs: dict[str, Any]
+
+    @property
+    def feature_cache_dir(self) -> Path:
+        return _feature_cache_dir(self.config, self.run_dir)
+
+
+def _feature_cache_dir(config: Config, run_dir: Path) -> Path:
+    """Where cached features and trunk maps go: ``data.cache_dir/features``, shared by runs, else the run folder."""
+    return Path(config.data.cache_dir) / "features" if config.data.cache_dir else run_dir / "cache"
+
+
+# --------------------------------------------------------------------------------------------- the run
+def train_run(config: Config, run_dir: str | Path, resume: bool = False) -> TrainingResult:
+    """Train per ``config`` into ``run_dir``; with ``resume`` continue from the last checkpoint of the run."""
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.yaml"
+    if config_path.is_file() and not resume and any((run_dir / "checkpoints").glob("*/last.ckpt")):
+        raise ConfigError(f"{run_dir}: this run folder already holds a run; pass --resume to continue it or pick a new --out")
+    L.seed_everything(config.train.seed, workers=True, verbose=False)
+    check_combinations(config)
+    check_names(config)
+    stages = plan_stages(config)
+    data = prepare_run_data(config, run_dir, progress=show_bars())
+    save_config(config, config_path)
+    atomic_write_json(run_dir / "classes.json", data.classes)
+    parts = _run_parts(config, run_dir, data)
+    descriptions = [stage.describe(config.mixing.method) for stage in stages]
+    if progress_mode() != "off":  # DERMLAB_PROGRESS=0 prints nothing; the lines are in metrics.json either way
+        for line in descriptions:
+            print(line, flush=True)
+
+    checkpoints_dir = run_dir / "checkpoints"
+    best_candidates: list[tuple[float, Path]] = []
+    trainer: L.Trainer | None = None
+    for position, stage in enumerate(stages):
+        stage_dir = checkpoints_dir / stage.name
+        if stage.frozen_backbone:
+            freeze_backbone(parts.model)
+        else:
+            unfreeze_last_blocks(parts.model, stage.unfreeze)
+        done = _stage_done(stage_dir)
+        if done is None:
+            module, fit_inputs, callbacks = STAGE_BUILDERS[stage.inputs](stage, parts)
+            trainer = _make_trainer(config, stage_dir, stage.epochs, parts.loggers, callbacks)
+            trainer.fit(module, **fit_inputs, ckpt_path=_resume_path(stage_dir, resume))
+            done = _finish_stage(trainer, stage_dir)
+        if done.get("best_score") is not None:
+            best_candidates.append((done["best_score"], Path(done["best_path"])))
+        if position + 1 < len(stages):  # the next stage starts from this stage's best checkpoint
+            start = Path(done["best_path"]) if done.get("best_path") else stage_dir / "last.ckpt"
+            _load_model_weights(ClassifierModule(parts.model, parts.loss, data.classes, **parts.module_kwargs), start)
+            if parts.distill is not None:
+                parts.distill.load_state(start)  # the next stage continues with the expert weights this one ended on
+
+    is_global_zero = trainer.is_global_zero if trainer is not None else True
+    last_dir = checkpoints_dir / stages[-1].name
+    if not best_candidates:  # no validation metric: the last checkpoint of the last stage
+        best_score, best_path = None, last_dir / "last.ckpt"
     else:
-        splits = create_splits(table, ratios=tuple(config.data.split_ratios), seed=config.data.split_seed)
-    if source != splits_path:
-        save_splits(table, splits, splits_path)
-        for line in record_excluded_copies(copies, run_dir):  # counted once, when the split is made
-            log.warning(line)
-    frame = table.frame.copy()
-    frame["split"] = splits.reindex(frame.index).fillna("").to_numpy()
-    frame = frame[frame["split"].isin(["train", "val", "test"])].reset_index(drop=True)
-    classes, unfiltered = list(table.classes), None
+        pick = max if config.train.monitor_mode == "max" else min
+        best_score, best_path = pick(best_candidates, key=lambda item: item[0])
+    final_best = checkpoints_dir / "best.ckpt"
+    if is_global_zero:
+        _atomic_copy(best_path, final_best)
+        _atomic_copy(last_dir / "last.ckpt", checkpoints_dir / "last.ckpt")
+    return TrainingResult(run_dir, final_best, best_score, time.perf_counter() - started, is_global_zero, data, descriptions)
+
+
+def train_and_summarise(
+    config: Config, run_dir: str | Path, resume: bool = False, extras: dict[str, Any] | None = None
+) -> FinishedRun:
+    """:func:`train_run`, then :func:`summarise_trained_run`: the whole of ``dermlab train``."""
+    result = train_run(config, run_dir, resume=resume)
+    return FinishedRun(result, summarise_trained_run(result, config, extras) if result.is_global_zero else None)
+
+
+def summarise_trained_run(result: TrainingResult, config: Config, extras: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score a just-trained run on val and test with ``summarise_run`` (metrics.json, report, model card).
+
+    ``extras`` join metrics.json beside the wall time, the best validation score, the monitor, the stages and,
+    for a distilled student, its distillation state (teachers, groups, expert weights). The data are the ones
+    training read, so the dataset is not read again.
+    """
+    from dermlab.evaluation.run_summary import summarise_run
+
+    remove_stale_temporaries(result.run_dir, recursive=True)  # e.g. a plot whose write a kill cut short
+    facts: dict[str, Any] = {
+        "wall_time_s": round(result.wall_time_s, 1),
+        "best_val_score": result.best_score,
+        "monitor": config.train.monitor,
+        "stages": result.stages,
+    }
+    state = distillation_summary(result.best_checkpoint)
+    if state:
+        facts["distill"] = state
     if config.data.class_subset is not None:
-        subset = config.data.class_subset
-        unknown = [name for name in subset if name not in classes]
-        if unknown:
-            raise ConfigError(f"data.class_subset: class {unknown[0]!r} is not in {config.data.path} (classes: {', '.join(classes)})")
-        unfiltered = frame
-        classes = [name for name in classes if name in subset]
-        frame = frame[frame["label"].isin(classes)].reset_index(drop=True)
-    for split in ("train", "val"):
-        if not (frame["split"] == split).any():
-            raise DataError(f"{config.data.path}: the {split} split is empty; check data.split_ratios")
-    return RunData(table=table, frame=frame, classes=classes, unfiltered=unfiltered)
+        facts["class_subset"] = list(config.data.class_subset)
+    return summarise_run(result.run_dir, result.data.frame, extras={**facts, **(extras or {})}, num_workers=config.data.num_workers)
 
 
+def _run_parts(config: Config, run_dir: Path, data: RunData) -> _RunParts:
+    model = create_model(config.model, len(data.classes))
+    preprocessing = resolve_preprocessing(model, config.model)
+    loss = create_loss(config.loss.name, data.class_counts("train"), **config.loss.options)
+    train_transform = create_transform(config.data.augmentation, preprocessing, train=True)
+    eval_transform = create_transform("none", preprocessing, train=False)
+    distill = create_distillation(config, data.frame, data.classes, model, preprocessing, eval_transform, _feature_cache_dir(config, run_dir))
+    loggers = [
+        AppendingCSVLogger(run_dir, name="logs", version=""),
+        TensorBoardLogger(run_dir / "logs", name="tensorboard", version="", default_hp_metric=False),
+    ]
+    module_kwargs = dict(
+        optimizer=config.train.optimizer,
+        weight_decay=config.train.weight_decay,
+        scheduler=config.train.scheduler,
+        warmup_epochs=config.train.warmup_epochs,
+        seed=config.train.seed,
+        metadata=checkpoint_metadata(config, data.classes, preprocessing),
+    )
+    return _RunParts(config, run_dir, data, model, loss, preprocessing, train_transform, eval_transform, distill, loggers, module_kwargs)
+
+
+# --------------------------------------------------------------------------------------------- stage inputs
+StageBuild = tuple[ClassifierModule, dict[str, Any], list]
+
+
+def _pixel_stage(stage: Stage, parts: _RunParts) -> StageBuild:
+    """A stage on images: the data module with the run's sampler and curriculum, mixing and EMA as declared."""
+    options: dict[str, Any] = {"frozen_backbone": True} if stage.frozen_backbone else {"epoch_offset": stage.epoch_offset, "layer_decay": stage.layer_decay}
+    module = _training_module(parts, lr=stage.lr, **options, **_mixing(parts.config, stage.mixing, len(parts.data.classes)))
+    datamodule = _datamodule(parts, stage.batch_size, epoch_offset=stage.epoch_offset)
+    callbacks = [RunSizedEMA(stage.ema_half_life)] if stage.ema else []
+    return module, {"datamodule": datamodule}, callbacks
+
+
+def _feature_stage(stage: Stage, parts: _RunParts) -> StageBuild:
+    """The linear probe on cached pooled features (``stage.views`` augmented views per training image)."""
+    splits = _cached_splits(parts, stage.views)
+    wrap = None
+    if parts.distill is not None:
+        _, _, train_frame, train_keep = splits["train"]
+
+        def wrap(dataset):
+            return parts.distill.feature_dataset(
+                dataset, splits["val"][:2], frame=train_frame, keep=train_keep, transform=parts.train_transform, views=stage.views
+            )
+
+    train_loader, val_loader = _feature_loaders(parts.config, splits, stage.batch_size, wrap_train=wrap)
+    mixing = _mixing(parts.config, stage.mixing, len(parts.data.classes))  # Mixup of the pooled features
+    module = _training_module(parts, lr=stage.lr, features_input=True, frozen_backbone=True, **mixing)
+    return module, {"train_dataloaders": train_loader, "val_dataloaders": val_loader}, []
+
+
+def _trunk_stage(stage: Stage, parts: _RunParts) -> StageBuild:
+    """The unfrozen tail over cached output maps of the frozen trunk (``stage.views`` augmented views)."""
+    from dermlab.models.trunk import split_frozen_trunk
+
+    model = parts.model
+    split = split_frozen_trunk(model)
+    was_training = model.training
+    model.eval()  # the trunk is frozen: BatchNorm statistics and dropout off while its outputs are cached
+    splits = _cached_splits(parts, stage.views, forward=split.trunk, cut=split.index)
+    model.train(was_training)
+    train_loader, val_loader = _feature_loaders(parts.config, splits, stage.batch_size, epoch_offset=stage.epoch_offset)
+    module = ClassifierModule(
+        model, parts.loss, parts.data.classes, lr=stage.lr, epoch_offset=stage.epoch_offset,
+        feature_fn=split.tail, **parts.module_kwargs, **_mixing(parts.config, stage.mixing, len(parts.data.classes)),
+    )
+    return module, {"train_dataloaders": train_loader, "val_dataloaders": val_loader}, []
+
+
+#: a stage's input kind (:data:`dermlab.training.stages.STAGE_INPUTS`) -> what builds its module, inputs and callbacks
+STAGE_BUILDERS: dict[str, Callable[[Stage, _RunParts], StageBuild]] = {
+    "pixels": _pixel_stage,
+    "features": _feature_stage,
+    "trunk": _trunk_stage,
+}
+
+
+def _mixing(config: Config, method: str, num_classes: int) -> dict[str, Any]:
+    if method == "none":
+        return {}
+    from dermlab.training.mixing import create_mixer, mixed_loss
+
+    return {"mixer": create_mixer(config.mixing, num_classes), "mixed_loss": mixed_loss}
+
+
+def _training_module(parts: _RunParts, **kwargs: Any) -> ClassifierModule:
+    """A ClassifierModule, with the distillation term in its loss when ``distill.method`` asks for teachers."""
+    term = parts.distill.create_term() if parts.distill is not None else None
+    return ClassifierModule(parts.model, parts.loss, parts.data.classes, term=term, **kwargs, **parts.module_kwargs)
+
+
+def _datamodule(parts: _RunParts, batch_size: int, epoch_offset: int = 0) -> DermDataModule:
+    config, data = parts.config, parts.data
+    train_labels = data.labels("train")
+    sampler = create_sampler(train_labels, config.data.sampler, seed=config.train.seed)
+    sampler = create_curriculum_sampler(config, train_labels, sampler, epoch_offset=epoch_offset)
+    return DermDataModule(
+        data.frame,
+        data.classes,
+        parts.train_transform,
+        parts.eval_transform,
+        batch_size=batch_size,
+        eval_batch_size=config.data.eval_batch_size,
+        num_workers=config.data.num_workers,
+        seed=config.train.seed,
+        train_sampler=sampler,
+        pin_memory=torch.cuda.is_available(),
+        # data.cache_dir: images decoded and resized once (for every split), then read from a memory map
+        image_loader=create_image_loader(
+            data.frame["path"], config.data.cache_dir, parts.eval_transform, workers=config.data.num_workers, progress=show_bars()
+        ),
+        metadata_encoder=encode_metadata if config.model.metadata_fusion else None,
+    )
+
+
+def _cached_splits(parts: _RunParts, views: int, forward: Any = None, cut: int | None = None) -> dict[str, tuple]:
+    """Backbone outputs of the train (``views`` augmented views) and val images, from the cache or computed.
+
+    Pooled features by default; with ``forward`` (a frozen trunk cut before module ``cut``) its output maps,
+    stored as float16. The cache key holds the transform's every step and parameter, so an edited augmentation
+    preset never reuses stale features. Returns ``{split: (features, labels, frame, keep)}``.
+    """
+    config, data, model = parts.config, parts.data, parts.model
+    device = "cuda" if torch.cuda.is_available() and config.train.accelerator in ("auto", "gpu", "cuda") else "cpu"
+    # a class subset (an LFME expert) caches the whole split, so experts and their student share one cache
+    source, source_classes = (data.frame, data.classes) if data.unfiltered is None else (data.unfiltered, data.table.classes)
+    if config.train.channels_last:  # as the trainer will: NHWC convolutions are faster on CPU and GPU
+        model.to(memory_format=torch.channels_last)
+    splits = {}
+    for split, transform, n_views in (("train", parts.train_transform, views), ("val", parts.eval_transform, 1)):
+        frame = source[source["split"] == split].reset_index(drop=True)
+        key = feature_cache_key(config, parts.preprocessing, transform, n_views, frame, model, trunk_cut=cut)
+        features = load_or_compute_features(
+            parts.feature_cache_dir,
+            key,
+            lambda frame=frame, transform=transform, n_views=n_views: compute_features(
+                model, frame, source_classes, transform, views=n_views, seed=config.train.seed,
+                batch_size=config.data.eval_batch_size, num_workers=config.data.num_workers, device=device,
+                forward=forward, dtype=torch.float32 if forward is None else torch.float16,
+                description=f"caching {'trunk maps' if forward is not None else 'features'} of {split}",
+            ),
+        )
+        keep = frame["label"].isin(data.classes).to_numpy()
+        if not keep.all():
+            features = features[:, torch.tensor(keep)]
+        labels = [data.class_index[label] for label in frame["label"][keep]]
+        splits[split] = (features, labels, frame, keep)
+    return splits
+
+
+def _feature_loaders(config: Config, splits: dict[str, tuple], batch_size: int, epoch_offset: int = 0, wrap_train: Any = None) -> tuple[DataLoader, DataLoader]:
+    """Train loader cycling the cached views (with the run's sampler and curriculum) and the val loader."""
+    train_features, train_labels, train_frame, train_keep = splits["train"]
+    base = create_sampler(train_labels, config.data.sampler, seed=config.train.seed)
+    base = create_curriculum_sampler(config, train_labels, base, epoch_offset=epoch_offset)
+    sampler = ViewCyclingSampler(len(train_labels), train_features.shape[0], seed=config.train.seed, base=base)
+    train_dataset = FeatureDataset(train_features, train_labels, metadata=_fusion_metadata(config, train_frame, train_keep))
+    if wrap_train is not None:
+        train_dataset = wrap_train(train_dataset)
+    train_loader = DataLoader(train_dataset, batch_size=batch_size, sampler=sampler)
+    val_metadata = _fusion_metadata(config, splits["val"][2], splits["val"][3])
+    val_loader = DataLoader(FeatureDataset(*splits["val"][:2], metadata=val_metadata), batch_size=config.data.eval_batch_size)
+    return train_loader, val_loader
+
+
+def _fusion_metadata(config: Config, frame: pd.DataFrame, keep: Any) -> torch.Tensor | None:
+    """Encoded metadata of the kept rows of ``frame`` for metadata fusion; None when fusion is off."""
+    return encode_metadata(frame[keep].reset_index(drop=True)) if config.model.metadata_fusion else None
+
+
+# --------------------------------------------------------------------------------------------- trainer and stages
 def _trainer_devices(value: str) -> Any:
     return int(value) if value.isdigit() else value
 
@@ -194,127 +455,6 @@ def _load_model_weights(module: ClassifierModule, checkpoint_path: Path) -> None
     module.load_state_dict(state, strict=True)
 
 
-def _uses_cached_features(config: Config, multi_process: bool) -> bool:
-    return config.train.cached_features and not multi_process and config.train.stage1_epochs > 0
-
-
-def _uses_cached_trunk(config: Config, multi_process: bool) -> bool:
-    return config.train.stage2_cached_views > 0 and not multi_process
-
-
-def train_run(config: Config, run_dir: str | Path, resume: bool = False) -> TrainingResult:
-    """Train per ``config`` into ``run_dir``; with ``resume`` continue from the last checkpoint of the run."""
-    started = time.perf_counter()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.yaml"
-    if config_path.is_file() and not resume and any((run_dir / "checkpoints").glob("*/last.ckpt")):
-        raise ConfigError(f"{run_dir}: this run folder already holds a run; pass --resume to continue it or pick a new --out")
-    L.seed_everything(config.train.seed, workers=True, verbose=False)
-    check_fusion_config(config)
-    data = prepare_run_data(config, run_dir)
-    save_config(config, config_path)
-    atomic_write_json(run_dir / "classes.json", data.classes)
-
-    model = create_model(config.model, len(data.classes))
-    preprocessing = resolve_preprocessing(model, config.model)
-    metadata = checkpoint_metadata(config, data.classes, preprocessing)
-    train_frame = data.frame[data.frame["split"] == "train"].reset_index(drop=True)
-    class_index = {name: i for i, name in enumerate(data.classes)}
-    train_labels = [class_index[label] for label in train_frame["label"]]
-    counts = Counter(train_labels)
-    class_counts = [counts.get(i, 0) for i in range(len(data.classes))]
-    loss = create_loss(config.loss.name, class_counts, **config.loss.options)
-
-    train_transform = create_transform(config.data.augmentation, preprocessing, train=True)
-    eval_transform = create_transform("none", preprocessing, train=False)
-    distill = create_distillation(config, data.frame, data.classes, model, preprocessing, eval_transform, _feature_cache_dir(config, run_dir))
-    loggers = [
-        AppendingCSVLogger(run_dir, name="logs", version=""),
-        TensorBoardLogger(run_dir / "logs", name="tensorboard", version="", default_hp_metric=False),
-    ]
-    checkpoints_dir = run_dir / "checkpoints"
-    stage1_dir, stage2_dir = checkpoints_dir / "stage1", checkpoints_dir / "stage2"
-    devices = config.train.devices
-    multi_process = (devices.isdigit() and int(devices) > 1) or config.train.num_nodes > 1 or "ddp" in config.train.strategy
-    module_kwargs = dict(
-        optimizer=config.train.optimizer,
-        weight_decay=config.train.weight_decay,
-        scheduler=config.train.scheduler,
-        warmup_epochs=config.train.warmup_epochs,
-        seed=config.train.seed,
-        metadata=metadata,
-    )
-    best_candidates: list[tuple[float, Path]] = []
-    trainer: L.Trainer | None = None
-
-    # ---------------------------------------------------------------- stage 1: frozen backbone
-    if config.train.stage1_epochs > 0:
-        done = _stage_done(stage1_dir)
-        freeze_backbone(model)
-        if done is None:
-            if _uses_cached_features(config, multi_process):
-                module, trainer, train_loader, val_loader = _stage1_from_features(
-                    config, data, model, loss, preprocessing, train_transform, eval_transform, run_dir, module_kwargs, stage1_dir, loggers, distill
-                )
-                trainer.fit(module, train_loader, val_loader, ckpt_path=_resume_path(stage1_dir, resume))
-            else:
-                module = _training_module(distill, model, loss, data.classes, lr=config.train.stage1_lr, frozen_backbone=True, **module_kwargs, **_mixing(config, len(data.classes)))
-                datamodule = _datamodule(config, data, train_transform, eval_transform, train_labels, config.data.batch_size)
-                trainer = _make_trainer(config, stage1_dir, config.train.stage1_epochs, loggers, [])
-                trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(stage1_dir, resume))
-            done = _finish_stage(trainer, stage1_dir)
-        if done.get("best_score") is not None:
-            best_candidates.append((done["best_score"], Path(done["best_path"])))
-        # stage 2 starts from the best stage-1 head
-        start = Path(done["best_path"]) if done.get("best_path") else stage1_dir / "last.ckpt"
-        probe = ClassifierModule(model, loss, data.classes, **module_kwargs)
-        _load_model_weights(probe, start)
-        if distill is not None:
-            distill.load_state(start)  # stage 2 continues with the expert weights stage 1 ended on
-
-    # ---------------------------------------------------------------- stage 2: unfreeze
-    if config.train.stage2_epochs > 0:
-        unfreeze_last_blocks(model, config.train.unfreeze)
-        done = _stage_done(stage2_dir)
-        if done is None and _uses_cached_trunk(config, multi_process):
-            if distill is not None:
-                raise ConfigError("train.stage2_cached_views does not combine with distillation; set it to 0")
-            module, trainer, train_loader, val_loader = _stage2_from_trunk(
-                config, data, model, loss, preprocessing, train_transform, eval_transform, run_dir, module_kwargs, stage2_dir, loggers
-            )
-            trainer.fit(module, train_loader, val_loader, ckpt_path=_resume_path(stage2_dir, resume))
-            done = _finish_stage(trainer, stage2_dir)
-        elif done is None:
-            module = _training_module(
-                distill, model, loss, data.classes, lr=config.train.stage2_lr, epoch_offset=config.train.stage1_epochs,
-                layer_decay=config.train.layer_decay, **module_kwargs, **_mixing(config, len(data.classes)),
-            )
-            batch_size = config.train.stage2_batch_size or config.data.batch_size
-            datamodule = _datamodule(config, data, train_transform, eval_transform, train_labels, batch_size, epoch_offset=config.train.stage1_epochs)
-            averaging = [RunSizedEMA(config.train.ema_half_life)] if config.train.ema else []
-            trainer = _make_trainer(config, stage2_dir, config.train.stage2_epochs, loggers, averaging)
-            trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(stage2_dir, resume))
-            done = _finish_stage(trainer, stage2_dir)
-        if done.get("best_score") is not None:
-            best_candidates.append((done["best_score"], Path(done["best_path"])))
-
-    is_global_zero = trainer.is_global_zero if trainer is not None else True
-    if not best_candidates:  # no validation metric: the last checkpoint of the last stage
-        final_dir = stage2_dir if config.train.stage2_epochs > 0 else stage1_dir
-        best_score, best_path = None, final_dir / "last.ckpt"
-    else:
-        pick = max if config.train.monitor_mode == "max" else min
-        best_score, best_path = pick(best_candidates, key=lambda item: item[0])
-    final_best = checkpoints_dir / "best.ckpt"
-    final_last = checkpoints_dir / "last.ckpt"
-    if is_global_zero:
-        _atomic_copy(best_path, final_best)
-        last_source = stage2_dir / "last.ckpt" if config.train.stage2_epochs > 0 else stage1_dir / "last.ckpt"
-        _atomic_copy(last_source, final_last)
-    return TrainingResult(run_dir, final_best, best_score, time.perf_counter() - started, is_global_zero)
-
-
 def _atomic_copy(source: Path, target: Path) -> None:
     atomic_save(target, lambda tmp: shutil.copyfile(source, tmp))
 
@@ -341,159 +481,3 @@ def _finish_stage(trainer: L.Trainer, stage_dir: Path) -> dict:
     if reason == "interrupted-after-stage":
         raise TrainingInterrupted(f"stopped after finishing {stage_dir.name}; continue with --resume")
     return done
-
-
-def _mixing(config: Config, num_classes: int) -> dict[str, Any]:
-    if config.mixing.method == "none":
-        return {}
-    from dermlab.training.mixing import create_mixer, mixed_loss
-
-    return {"mixer": create_mixer(config.mixing, num_classes), "mixed_loss": mixed_loss}
-
-
-def _training_module(distill: Distillation | None, *args: Any, **kwargs: Any) -> ClassifierModule:
-    """A ClassifierModule, or its distillation subclass when ``distill.method`` asks for teachers."""
-    return ClassifierModule(*args, **kwargs) if distill is None else distill.create_module(*args, **kwargs)
-
-
-def _feature_cache_dir(config: Config, run_dir: Path) -> Path:
-    return Path(config.data.cache_dir) / "features" if config.data.cache_dir else run_dir / "cache"
-
-
-def _datamodule(config: Config, data: RunData, train_transform, eval_transform, train_labels: list[int], batch_size: int, epoch_offset: int = 0) -> DermDataModule:
-    sampler = create_sampler(train_labels, config.data.sampler, seed=config.train.seed)
-    sampler = create_curriculum_sampler(config, train_labels, sampler, epoch_offset=epoch_offset)
-    return DermDataModule(
-        data.frame,
-        data.classes,
-        train_transform,
-        eval_transform,
-        batch_size=batch_size,
-        eval_batch_size=config.data.eval_batch_size,
-        num_workers=config.data.num_workers,
-        seed=config.train.seed,
-        train_sampler=sampler,
-        pin_memory=torch.cuda.is_available(),
-        # data.cache_dir: images decoded and resized once (for every split), then read from a memory map
-        image_loader=create_image_loader(
-            data.frame["path"], config.data.cache_dir, eval_transform, workers=config.data.num_workers, progress=show_bars()
-        ),
-        metadata_encoder=encode_metadata if config.model.metadata_fusion else None,
-    )
-
-
-def _cached_splits(config, data, model, preprocessing, train_transform, eval_transform, run_dir, views, forward=None, cut=None):
-    """Backbone outputs of the train (``views`` augmented views) and val images, from the cache or computed.
-
-    Pooled features by default; with ``forward`` (a frozen trunk cut before module ``cut``) its output maps,
-    stored as float16. Returns ``{split: (features, labels, frame, keep)}``.
-    """
-    device = "cuda" if torch.cuda.is_available() and config.train.accelerator in ("auto", "gpu", "cuda") else "cpu"
-    cache_dir = _feature_cache_dir(config, run_dir)
-    # a class subset (an LFME expert) caches the whole split, so experts and their student share one cache
-    source, source_classes = (data.frame, data.classes) if data.unfiltered is None else (data.unfiltered, data.table.classes)
-    if config.train.channels_last:  # as the trainer will: NHWC convolutions are faster on CPU and GPU
-        model.to(memory_format=torch.channels_last)
-    splits = {}
-    for split, transform, n_views in (("train", train_transform, views), ("val", eval_transform, 1)):
-        frame = source[source["split"] == split].reset_index(drop=True)
-        key = {
-            "model": config.model.name,
-            "weights": config.model.weights,
-            "pretrained": config.model.pretrained,
-            "preprocessing": preprocessing.to_dict(),
-            "augmentation": config.data.augmentation if split == "train" else "none",
-            "views": n_views,
-            "seed": config.train.seed,
-            "images": frame["image_id"].tolist(),
-            "state": _weights_fingerprint(model),
-        }
-        if cut is not None:
-            key["trunk_cut"] = cut
-        features = load_or_compute_features(
-            cache_dir,
-            key,
-            lambda frame=frame, transform=transform, n_views=n_views: compute_features(
-                model, frame, source_classes, transform, views=n_views, seed=config.train.seed,
-                batch_size=config.data.eval_batch_size, num_workers=config.data.num_workers, device=device,
-                forward=forward, dtype=torch.float32 if forward is None else torch.float16,
-                description=f"caching {'trunk maps' if forward is not None else 'features'} of {split}",
-            ),
-        )
-        keep = frame["label"].isin(data.classes).to_numpy()
-        if not keep.all():
-            features = features[:, torch.tensor(keep)]
-        labels = [data.classes.index(label) for label in frame["label"][keep]]
-        splits[split] = (features, labels, frame, keep)
-    return splits
-
-
-def _feature_loaders(config, splits, batch_size, epoch_offset=0, wrap_train=None):
-    """Train loader cycling the cached views (with the run's sampler and curriculum) and the val loader."""
-    train_features, train_labels, train_frame, train_keep = splits["train"]
-    base = create_sampler(train_labels, config.data.sampler, seed=config.train.seed)
-    base = create_curriculum_sampler(config, train_labels, base, epoch_offset=epoch_offset)
-    sampler = ViewCyclingSampler(len(train_labels), train_features.shape[0], seed=config.train.seed, base=base)
-    train_dataset = FeatureDataset(train_features, train_labels, metadata=_fusion_metadata(config, train_frame, train_keep))
-    if wrap_train is not None:
-        train_dataset = wrap_train(train_dataset)
-    train_loader = DataLoader(train_dataset, batch_size=batch_size, sampler=sampler)
-    val_metadata = _fusion_metadata(config, splits["val"][2], splits["val"][3])
-    val_loader = DataLoader(FeatureDataset(*splits["val"][:2], metadata=val_metadata), batch_size=config.data.eval_batch_size)
-    return train_loader, val_loader
-
-
-def _stage1_from_features(config, data, model, loss, preprocessing, train_transform, eval_transform, run_dir, module_kwargs, stage1_dir, loggers, distill=None):
-    views = 1 if config.data.augmentation == "none" else config.train.feature_views
-    splits = _cached_splits(config, data, model, preprocessing, train_transform, eval_transform, run_dir, views)
-    wrap = None
-    if distill is not None:
-        _, _, train_frame, train_keep = splits["train"]
-
-        def wrap(dataset):
-            return distill.feature_dataset(
-                dataset, splits["val"][:2], frame=train_frame, keep=train_keep, transform=train_transform, views=views
-            )
-
-    train_loader, val_loader = _feature_loaders(config, splits, config.data.batch_size, wrap_train=wrap)
-    module = _training_module(distill, model, loss, data.classes, lr=config.train.stage1_lr, features_input=True, frozen_backbone=True, **module_kwargs)
-    trainer = _make_trainer(config, stage1_dir, config.train.stage1_epochs, loggers, [])
-    return module, trainer, train_loader, val_loader
-
-
-def _stage2_from_trunk(config, data, model, loss, preprocessing, train_transform, eval_transform, run_dir, module_kwargs, stage2_dir, loggers):
-    """Stage 2 over cached outputs of the frozen trunk (``train.stage2_cached_views`` augmented views)."""
-    from dermlab.models.trunk import split_frozen_trunk
-
-    split = split_frozen_trunk(model)
-    views = 1 if config.data.augmentation == "none" else config.train.stage2_cached_views
-    was_training = model.training
-    model.eval()  # the trunk is frozen: BatchNorm statistics and dropout off while its outputs are cached
-    splits = _cached_splits(
-        config, data, model, preprocessing, train_transform, eval_transform, run_dir, views, forward=split.trunk, cut=split.index
-    )
-    model.train(was_training)
-    batch_size = config.train.stage2_batch_size or config.data.batch_size
-    train_loader, val_loader = _feature_loaders(config, splits, batch_size, epoch_offset=config.train.stage1_epochs)
-    module = ClassifierModule(
-        model, loss, data.classes, lr=config.train.stage2_lr, epoch_offset=config.train.stage1_epochs,
-        feature_fn=split.tail, **module_kwargs, **_mixing(config, len(data.classes)),
-    )
-    trainer = _make_trainer(config, stage2_dir, config.train.stage2_epochs, loggers, [])
-    return module, trainer, train_loader, val_loader
-
-
-def _fusion_metadata(config: Config, frame: pd.DataFrame, keep: Any) -> torch.Tensor | None:
-    """Encoded metadata of the kept rows of ``frame`` for metadata fusion; None when fusion is off."""
-    return encode_metadata(frame[keep].reset_index(drop=True)) if config.model.metadata_fusion else None
-
-
-def _weights_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap fingerprint of the backbone weights, so a different initialisation never reuses a cache."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in list(model.backbone.state_dict().items())[:: max(1, len(model.backbone.state_dict()) // 16)]:
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().flatten()[:256].numpy().tobytes())
-    return digest.hexdigest()[:16]

@@ -1,8 +1,7 @@
-"""Metadata fusion: age, sex and localization encoded and joined with the pooled image features in the head.
+"""Patient metadata (age, sex, localization): parsing, checking and the fixed encoding a fused head reads.
 
-``model.metadata_fusion: true`` builds a :class:`MetadataFusionClassifier`: the backbone is the same, and the
-head becomes ``Linear([dropout(pooled) ; ReLU(Linear(metadata))])``. The metadata encoding is fixed (nothing is
-fitted, so a checkpoint needs no extra state):
+``model.metadata_fusion: true`` builds a :class:`~dermlab.models.classifier.MetadataFusionClassifier` whose head
+also sees these encodings. The encoding is fixed (nothing is fitted, so a checkpoint needs no extra state):
 
 - ``age``: ``age / 100`` and a missing flag (missing: NaN, negative, or no ``age`` column);
 - ``sex``: one-hot ``male`` / ``female`` and a missing flag (anything else, e.g. HAM10000's ``unknown``);
@@ -25,11 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
-from dermlab.config import Config
-from dermlab.errors import ConfigError, DataError
-from dermlab.models.factory import DermClassifier
+from dermlab.errors import DataError
 
 __all__ = [
     "METADATA_COLUMNS",
@@ -43,9 +39,6 @@ __all__ = [
     "encode_patient_metadata",
     "encode_metadata",
     "missing_metadata",
-    "MetadataFusionClassifier",
-    "uses_metadata",
-    "check_fusion_config",
 ]
 
 METADATA_COLUMNS = ("age", "sex", "localization")
@@ -244,41 +237,3 @@ def encode_metadata(frame: pd.DataFrame) -> torch.Tensor:
             encoded[rows, offset + position] = 1.0
             encoded[rows, offset + len(vocabulary)] = 0.0  # the missing flag
     return torch.from_numpy(encoded)
-
-
-def check_fusion_config(config: Config) -> None:
-    """Refuse what metadata fusion does not support: Mixup / CutMix (images would mix, metadata not) and
-    distillation (the teachers see images only)."""
-    if not config.model.metadata_fusion:
-        return
-    if config.mixing.method != "none":
-        raise ConfigError(f"model.metadata_fusion does not work with mixing.method={config.mixing.method!r}; set mixing.method=none")
-    if config.distill.method != "none":
-        raise ConfigError(f"model.metadata_fusion does not work with distill.method={config.distill.method!r}; set distill.method=none")
-
-
-def uses_metadata(model: nn.Module) -> bool:
-    """Whether ``model`` takes metadata beside the images (a :class:`MetadataFusionClassifier`, or a model
-    that says so, as an ensemble with a fusion member does)."""
-    return isinstance(model, MetadataFusionClassifier) or bool(getattr(model, "takes_metadata", False))
-
-
-class MetadataFusionClassifier(DermClassifier):
-    """A :class:`DermClassifier` whose head also sees encoded metadata (see the module docstring).
-
-    ``forward(images, metadata=None)`` and ``forward_head(pooled, metadata=None)``; ``None`` means "all unknown".
-    """
-
-    def __init__(self, backbone: nn.Module, num_classes: int, drop_rate: float = 0.0, embedding: int = 32) -> None:
-        super().__init__(backbone, num_classes, drop_rate)
-        self.metadata_encoder = nn.Sequential(nn.Linear(METADATA_WIDTH, embedding), nn.ReLU())
-        self.head = nn.Linear(self.num_features + embedding, num_classes)
-
-    def forward_head(self, pooled: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        if metadata is None:
-            metadata = missing_metadata(pooled.shape[0])
-        embedded = self.metadata_encoder(metadata.to(device=pooled.device, dtype=pooled.dtype))
-        return self.head(torch.cat([self.dropout(pooled), embedded], dim=1))
-
-    def forward(self, x: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        return self.forward_head(self.forward_features(x), metadata)

@@ -1,0 +1,165 @@
+"""Off its home data: each run on an external folder as trained, after AdaBN and after TENT on its images.
+
+    nice .venv/bin/python benchmarks/external.py --runs /work/runs/accuracy/default \
+        --external ../shared/data/ISIC_external_dev
+
+For every ``--runs`` run, on the ``--external`` folder (its labels read only to score, never to adapt):
+
+- ``as trained``: the run's own behaviour (TTA views, temperature, decision rules, abstention);
+- ``adabn`` / ``tent``: the run adapted on the folder's unlabelled images (``dermlab adapt``'s code), scored the same.
+
+Each row: the softmax restricted to the classes present (accuracy, balanced accuracy, AUC of the target class
+against the others present, with 95% bootstrap intervals over images), the target class's recall at the run's
+own decision rule over all its classes, and the share the abstention rule marks "uncertain". Then the
+in-distribution check: AdaBN on the run's own test images, and the change it makes to the test split's
+accuracy, balanced accuracy and macro AUC (it should be within noise). ``--quick``: a random tiny model on
+synthetic images (smoke test).
+
+Writes ``benchmarks/results/external.json`` (``--quick``: ``external-quick.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_common_arguments, print_table, synthetic_dataset, write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("as trained", "adabn", "tent")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser)
+    parser.add_argument("--runs", nargs="+", type=Path, default=[], help="run folders to score")
+    parser.add_argument("--external", type=Path, help="the external folder (class sub-folders, a subset of the runs' classes)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per adaptation batch (default 32)")
+    parser.add_argument("--tent-epochs", type=int, default=1, help="TENT passes over the external images (default 1)")
+    parser.add_argument("--tent-lr", type=float, default=1e-3, help="TENT Adam learning rate (default 1e-3)")
+    args = parser.parse_args()
+    if args.quick:
+        args.runs, args.external = _quick_setup(args.work)
+    if not args.runs or args.external is None:
+        parser.error("--runs and --external are needed (or --quick)")
+    rows, checks = [], {}
+    for run in args.runs:
+        for method in METHODS:
+            rows.append({"run": run.name, "method": method, **_score_external(run, method, args)})
+        checks[run.name] = _in_distribution_check(run, args)
+    print_table(
+        f"external: {args.external} (softmax restricted to the classes present; 95% intervals over images)",
+        [[r["run"], r["method"], _cell(r, "accuracy"), _cell(r, "balanced_accuracy"), _cell(r, "auc"),
+          f"{r['target_recall']:.3f} ({r['rule']})", "  ".join(f"{k} {v:.3f}" for k, v in r["target_recall_by_rule"].items()),
+          f"{r['uncertain']:.3f}"] for r in rows],
+        ["run", "method", "accuracy", "balanced acc", f"AUC {rows[0]['target']} vs rest", f"{rows[0]['target']} recall (run's rule)",
+         "by rule", "uncertain"],
+    )
+    print_table(
+        "in distribution: AdaBN on the run's own test images, test split before -> after",
+        [[name, *(f"{c['before'][k]:.3f} -> {c['after'][k]:.3f} ({c['after'][k] - c['before'][k]:+.3f})" for k in ("accuracy", "balanced_accuracy", "auc_macro"))]
+         for name, c in checks.items()],
+        ["run", "accuracy", "balanced accuracy", "macro AUC"],
+    )
+    args.runs, args.external = [str(run) for run in args.runs], str(args.external)  # plain data for the JSON
+    write_results("external", args, {"rows": rows, "in_distribution": checks})
+    return 0
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    interval = row["intervals"].get(key)
+    return f"{row[key]:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+
+def _adapted(run: Path, method: str, images: list[Path], args: argparse.Namespace) -> Any:
+    from dermlab.models.checkpoint import load_checkpoint
+    from dermlab.training.adapt import adapt_model
+
+    loaded = load_checkpoint(run)
+    if method != "as trained":
+        options = {"epochs": args.tent_epochs, "lr": args.tent_lr} if method == "tent" else {}
+        adapt_model(loaded, images, method, batch_size=args.batch_size, **options)
+    return loaded
+
+
+def _score_external(run: Path, method: str, args: argparse.Namespace) -> dict[str, Any]:
+    from dermlab.data.datasets import load_dataset
+    from dermlab.evaluation.evaluate import evaluate_frame
+    from dermlab.training.adapt import list_images
+
+    loaded = _adapted(run, method, list_images([args.external]), args)
+    table = load_dataset(args.external, replace(loaded.config.data, path=str(args.external), classes=loaded.classes))
+    evaluation = replace(loaded.config.evaluation, bootstrap_resamples=1000)
+    with tempfile.TemporaryDirectory() as out:
+        metrics = evaluate_frame(loaded, table.frame, Path(out), evaluation)
+    present = metrics["present_classes"]
+    restricted = present["restricted_softmax"]
+    target = restricted.get("target", {}).get("class") or present["classes"][0]
+    rule = metrics.get("decision_rule") or "argmax"
+    full_recall = present["full_softmax"]["recall"][target]  # argmax over all the run's classes
+    recall_by_rule = {name: entry["recall"][target] for name, entry in (metrics.get("rules") or {}).items()} or {"argmax": full_recall}
+    auc = restricted["auc"][target] if len(present["classes"]) > 2 else restricted["auc_macro"]
+    intervals = restricted.get("intervals") or {}
+    return {
+        "target": target,
+        "accuracy": restricted["accuracy"],
+        "balanced_accuracy": restricted["balanced_accuracy"],
+        "auc": auc,
+        "intervals": {"accuracy": intervals.get("accuracy"), "balanced_accuracy": intervals.get("balanced_accuracy"),
+                      "auc": intervals.get("auc_macro") if len(present["classes"]) == 2 else None},
+        "target_recall": float(recall_by_rule.get(rule, full_recall)),
+        "target_recall_by_rule": recall_by_rule,
+        "rule": rule,
+        "uncertain": float((metrics.get("abstention") or {}).get("rejected", 0.0)),
+        "images": int(metrics["n"]),
+    }
+
+
+def _in_distribution_check(run: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import json
+
+    from dermlab.data.run_data import prepare_run_data
+    from dermlab.evaluation.evaluate import evaluate_frame
+
+    loaded = _adapted(run, "as trained", [], args)
+    test = prepare_run_data(loaded.config, run).rows("test")
+    adapted = _adapted(run, "adabn", [Path(p) for p in test["path"]], args)
+    before_path = run / "eval" / "test" / "metrics.json"
+    with tempfile.TemporaryDirectory() as out:
+        before = json.loads(before_path.read_text()) if before_path.is_file() else evaluate_frame(loaded, test, Path(out) / "b")
+        after = evaluate_frame(adapted, test, Path(out) / "a")
+    keys = ("accuracy", "balanced_accuracy", "auc_macro")
+    return {"images": len(test), "before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys}}
+
+
+def _quick_setup(work: Path) -> tuple[list[Path], Path]:
+    """A random tiny model over a synthetic HAM10000-layout set, and a two-class external folder of its test images."""
+    from dermlab.config import Config, apply_overrides
+    from dermlab.data.run_data import prepare_run_data
+    from dermlab.models.checkpoint import save_checkpoint
+    from dermlab.models.factory import create_model, resolve_preprocessing
+
+    data = synthetic_dataset(work, 80, 32)
+    root = Path(work) / "quick-external"
+    shutil.rmtree(root, ignore_errors=True)
+    run = root / "run"
+    config = apply_overrides(Config(), [f"data.path={data}", "model.name=test_efficientnet", "model.weights=none",
+                                        "model.input_size=[32,32]", "data.duplicates=none", "evaluation.bootstrap_resamples=50"])
+    split = prepare_run_data(config, run)
+    model = create_model(config.model, len(split.classes), load_weights=False)
+    save_checkpoint(run / "checkpoints" / "best.ckpt", model, config, split.classes, resolve_preprocessing(model, config.model))
+    external = root / "external"
+    for _, row in split.frame[split.frame["label"].isin(["mel", "nv"])].iterrows():
+        (external / row["label"]).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(row["path"], external / row["label"] / Path(row["path"]).name)
+    return [run], external
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

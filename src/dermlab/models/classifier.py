@@ -1,0 +1,83 @@
+"""The classifiers dermlab trains: a timm backbone, then dropout and a linear head; optionally metadata fusion.
+
+``DermClassifier`` = timm backbone (``num_classes=0``, global average pooling) -> dropout -> linear head.
+Keeping the head outside the backbone lets stage 1 train it on cached pooled features and lets every
+backbone family be frozen, unfrozen and explained the same way. ``MetadataFusionClassifier`` (``model.
+metadata_fusion: true``) keeps the backbone, and its head becomes ``Linear([dropout(pooled) ; ReLU(Linear(
+metadata))])`` over the fixed encoding of :mod:`dermlab.data.metadata`. Built by
+:func:`dermlab.models.factory.create_model`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dermlab.data.metadata import METADATA_WIDTH, missing_metadata
+from dermlab.errors import ConfigError
+
+__all__ = ["DermClassifier", "MetadataFusionClassifier", "uses_metadata"]
+
+
+class DermClassifier(nn.Module):
+    """A timm backbone returning pooled features ``(N, F)``, then dropout and a linear head."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, drop_rate: float = 0.0) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+        self.backbone = backbone
+        # timm >= 1.0: head_hidden_size is the width of what a headless model returns (it differs from
+        # num_features in models with a pre-logits layer, e.g. MobileNetV3).
+        self.num_features = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+        self.num_classes = num_classes
+        self.dropout = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features ``(N, num_features)``."""
+        return self.backbone(x)
+
+    def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)`` from pooled features."""
+        return self.head(self.dropout(pooled))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def train(self, mode: bool = True) -> DermClassifier:
+        """Like ``nn.Module.train``, but BatchNorm layers frozen by ``freeze_backbone`` stay in eval mode."""
+        super().train(mode)
+        if mode:
+            from dermlab.models.freezing import set_frozen_batchnorm_eval
+
+            set_frozen_batchnorm_eval(self)
+        return self
+
+
+
+class MetadataFusionClassifier(DermClassifier):
+    """A :class:`DermClassifier` whose head also sees encoded metadata (see the module docstring).
+
+    ``forward(images, metadata=None)`` and ``forward_head(pooled, metadata=None)``; ``None`` means "all unknown".
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, drop_rate: float = 0.0, embedding: int = 32) -> None:
+        super().__init__(backbone, num_classes, drop_rate)
+        self.metadata_encoder = nn.Sequential(nn.Linear(METADATA_WIDTH, embedding), nn.ReLU())
+        self.head = nn.Linear(self.num_features + embedding, num_classes)
+
+    def forward_head(self, pooled: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        if metadata is None:
+            metadata = missing_metadata(pooled.shape[0])
+        embedded = self.metadata_encoder(metadata.to(device=pooled.device, dtype=pooled.dtype))
+        return self.head(torch.cat([self.dropout(pooled), embedded], dim=1))
+
+    def forward(self, x: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        return self.forward_head(self.forward_features(x), metadata)
+
+
+def uses_metadata(model: nn.Module) -> bool:
+    """Whether ``model`` takes metadata beside the images (a :class:`MetadataFusionClassifier`, or a model
+    that says so, as an ensemble with a fusion member does)."""
+    return isinstance(model, MetadataFusionClassifier) or bool(getattr(model, "takes_metadata", False))

@@ -1,0 +1,182 @@
+"""Adapting a trained run to another clinic's images without their labels (``dermlab adapt``).
+
+Methods (:data:`ADAPTATION_METHODS`):
+
+- ``adabn`` (Li et al. 2016): every BatchNorm layer's running mean and variance are re-estimated on the target
+  images (a cumulative average over one pass, the model otherwise in eval mode); no weight changes.
+- ``tent`` (Wang et al. 2021): a few epochs of entropy minimisation of the softmax over the target images,
+  updating only the BatchNorm affine parameters (normalising with each batch's statistics, as TENT does); then
+  the running statistics are re-estimated as in ``adabn``, so the adapted model answers one image at a time.
+
+The result is an ordinary run folder: ``config.yaml``, ``classes.json`` and ``splits.csv`` of the source run,
+``checkpoints/best.ckpt`` with the adapted weights and the source's temperature, abstention, decision rule and
+TTA views, and ``lineage.json`` (source run, method, how many target images, their digest). Labels are never
+read: a folder of class sub-folders is just a folder of images here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from dermlab.data.images import IMAGE_EXTENSIONS, read_image
+from dermlab.data.transforms import create_transform
+from dermlab.errors import ConfigError, DataError
+from dermlab.io import atomic_write_json
+from dermlab.models.checkpoint import LoadedModel, load_checkpoint, run_dir_of, save_checkpoint
+from dermlab.registry import Registry
+
+__all__ = ["ADAPTATION_METHODS", "AdaptedRun", "adapt_model", "adapt_run", "list_images"]
+
+Batches = Callable[[], Iterator[torch.Tensor]]
+ADAPTATION_METHODS: Registry[Callable[..., dict[str, Any]]] = Registry("adaptation method")
+
+
+@dataclass
+class AdaptedRun:
+    out: Path
+    method: str
+    images: int
+    details: dict[str, Any]
+
+
+def list_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image files of ``inputs`` (files, or folders searched recursively), in a stable order, no repeats."""
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths.extend(sorted((p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS), key=str))
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise DataError(f"{item}: no such image file or folder")
+    return list(dict.fromkeys(paths))
+
+
+class _Images(Dataset):
+    def __init__(self, paths: Sequence[Path], transform: Any) -> None:
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(read_image(self.paths[index]))
+
+
+def _batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        raise ConfigError("the model has no BatchNorm layers: adabn and tent have nothing to adapt")
+    return layers
+
+
+@ADAPTATION_METHODS.register("adabn")
+def _adabn(model: nn.Module, batches: Batches, **_: Any) -> dict[str, Any]:
+    """Re-estimate every BatchNorm layer's running statistics on the target images (one pass, no gradients)."""
+    layers = _batchnorm_layers(model)
+    momenta = [layer.momentum for layer in layers]
+    model.eval()
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average over the whole pass, not an exponential one
+        layer.train()
+    seen = 0
+    with torch.no_grad():
+        for images in batches():
+            model(images)
+            seen += images.shape[0]
+    for layer, momentum in zip(layers, momenta):
+        layer.momentum = momentum
+    model.eval()
+    return {"batchnorm_layers": len(layers), "images_seen": seen}
+
+
+@ADAPTATION_METHODS.register("tent")
+def _tent(model: nn.Module, batches: Batches, *, epochs: int = 1, lr: float = 1e-3, **_: Any) -> dict[str, Any]:
+    """Entropy minimisation of the BatchNorm affine parameters on batch statistics, then AdaBN statistics."""
+    layers = _batchnorm_layers(model)
+    affine = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+    if not affine:
+        raise ConfigError("the model's BatchNorm layers have no affine parameters: tent has nothing to train")
+    trainable = {id(p): p.requires_grad for p in model.parameters()}
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for parameter in affine:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.Adam(affine, lr=lr)
+    model.eval()
+    for layer in layers:
+        layer.train()  # normalise with the batch's own statistics
+    entropies = []
+    for _epoch in range(epochs):
+        for images in batches():
+            if images.shape[0] < 2:
+                continue  # batch statistics of one image are not statistics
+            log_probabilities = torch.log_softmax(model(images).float(), dim=1)
+            entropy = -(log_probabilities.exp() * log_probabilities).sum(dim=1).mean()
+            optimizer.zero_grad()
+            entropy.backward()
+            optimizer.step()
+            entropies.append(float(entropy.detach()))
+    for parameter in model.parameters():
+        parameter.requires_grad_(trainable[id(parameter)])
+    details = _adabn(model, batches)
+    return {**details, "epochs": epochs, "lr": lr, "steps": len(entropies),
+            "entropy_first": entropies[0] if entropies else None, "entropy_last": entropies[-1] if entropies else None}
+
+
+def adapt_model(loaded: LoadedModel, paths: Sequence[Path], method: str = "adabn", *, batch_size: int = 32,
+                num_workers: int = 0, seed: int = 0, **options: Any) -> dict[str, Any]:
+    """Adapt ``loaded.model`` in place on the images at ``paths`` (see the module docstring)."""
+    adapt = ADAPTATION_METHODS.get(method)
+    if not paths:
+        raise DataError("no images to adapt on")
+    dataset = _Images(paths, create_transform("none", loaded.preprocessing, train=False))
+    model = loaded.model
+
+    def batches() -> Iterator[torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)  # the same order on every pass
+        yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, num_workers=num_workers)
+
+    details = adapt(model, batches, **options)
+    model.eval()
+    return details
+
+
+def _digest(paths: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths, key=str):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def adapt_run(run: str | Path, images: Sequence[str | Path], out: str | Path, method: str = "adabn", **options: Any) -> AdaptedRun:
+    """Write the adapted copy of ``run`` into ``out`` (an ordinary run folder; see the module docstring)."""
+    out = Path(out)
+    if (out / "checkpoints").exists() or (out / "config.yaml").exists():
+        raise ConfigError(f"{out}: this folder already holds a run; pick a new --out")
+    source = run_dir_of(run)
+    loaded = load_checkpoint(run)
+    paths = list_images(images)
+    details = adapt_model(loaded, paths, method, **options)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.yaml", "classes.json", "splits.csv"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    adaptation = {"method": method, "source": str(loaded.path), "images": len(paths), "images_digest": _digest(paths),
+                  "inputs": [str(p) for p in images], **details}
+    extras = {key: value for key, value in loaded.extras.items() if key != "adaptation"}
+    save_checkpoint(out / "checkpoints" / "best.ckpt", loaded.model, loaded.config, loaded.classes, loaded.preprocessing,
+                    **extras, adaptation=adaptation)
+    atomic_write_json(out / "lineage.json", {"made_with": "dermlab adapt", **adaptation})
+    return AdaptedRun(out, method, len(paths), details)

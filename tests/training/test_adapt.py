@@ -1,0 +1,98 @@
+"""dermlab adapt: BatchNorm statistics (AdaBN) and entropy minimisation (TENT) on unlabelled images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from dermlab.config import Config, ModelConfig
+from dermlab.errors import ConfigError, DataError
+from dermlab.models.checkpoint import load_checkpoint, save_checkpoint
+from dermlab.models.factory import create_model, resolve_preprocessing
+from dermlab.training.adapt import adapt_run, list_images
+
+CLASSES = ["nv", "mel"]
+
+
+def _run(root: Path) -> Path:
+    torch.manual_seed(0)
+    config = Config(model=ModelConfig(name="test_efficientnet", weights="none", input_size=[32, 32]))
+    model = create_model(config.model, len(CLASSES), load_weights=False)
+    save_checkpoint(root / "checkpoints" / "best.ckpt", model, config, CLASSES, resolve_preprocessing(model, config.model),
+                    temperature=1.5)
+    (root / "splits.csv").write_text("image_id,split\na,train\n")
+    return root
+
+
+def _images(folder: Path, count: int = 6, brightness: int = 200) -> Path:
+    """``count`` bright noisy PNGs in class sub-folders (which adapt must ignore as labels)."""
+    rng = np.random.default_rng(1)
+    for index in range(count):
+        target = folder / ("mel" if index % 2 else "nv") / f"{index}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(rng.normal(brightness, 20, (36, 36, 3)), 0, 255).astype(np.uint8)).save(target)
+    return folder
+
+
+def _running_means(model: nn.Module) -> list[torch.Tensor]:
+    return [m.running_mean.clone() for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def test_adabn_sets_the_first_layers_statistics_to_those_of_the_target_images(tmp_path: Path) -> None:
+    source = _run(tmp_path / "run")
+    images = _images(tmp_path / "target")
+    adapted = adapt_run(source, [images], tmp_path / "adapted", method="adabn", batch_size=3)  # equal batches: mean of means
+    assert adapted.images == 6
+    before, after = load_checkpoint(source), load_checkpoint(tmp_path / "adapted")
+    # the first BatchNorm follows the stem conv: its running mean is the mean of the conv's outputs on these images
+    stem = after.model.backbone.conv_stem
+    from dermlab.data.transforms import create_transform
+
+    transform = create_transform("none", after.preprocessing, train=False)
+    batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in list_images([images])])
+    with torch.no_grad():
+        expected = stem(batch).mean(dim=(0, 2, 3))
+    assert torch.allclose(_running_means(after.model)[0], expected, atol=1e-4)
+    assert not torch.allclose(_running_means(before.model)[0], expected, atol=1e-2)
+    # only statistics change: every learned weight is the source's
+    weights = {k: v for k, v in after.model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    assert all(torch.equal(v, before.model.state_dict()[k]) for k, v in weights.items())
+    # an ordinary run folder that says where it came from, keeping the source's calibration
+    assert after.extras["temperature"] == 1.5
+    assert after.extras["adaptation"]["method"] == "adabn" and after.extras["adaptation"]["images"] == 6
+    lineage = json.loads((tmp_path / "adapted" / "lineage.json").read_text())
+    assert lineage["made_with"] == "dermlab adapt" and len(lineage["images_digest"]) == 16
+    assert (tmp_path / "adapted" / "splits.csv").read_text() == (source / "splits.csv").read_text()
+
+
+def test_tent_trains_only_the_batchnorm_affine_parameters_and_lowers_the_entropy(tmp_path: Path) -> None:
+    source = _run(tmp_path / "run")
+    images = _images(tmp_path / "target", count=8)
+    adapted = adapt_run(source, [images], tmp_path / "adapted", method="tent", batch_size=4, epochs=5, lr=0.05)
+    assert adapted.details["steps"] == 10
+    assert adapted.details["entropy_last"] < adapted.details["entropy_first"]
+    before, after = load_checkpoint(source).model.state_dict(), load_checkpoint(tmp_path / "adapted").model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    bn_names = {name for name, m in load_checkpoint(source).model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    assert changed and all(k.rsplit(".", 1)[0] in bn_names for k in changed)
+    assert any(k.endswith(".weight") for k in changed)  # affine parameters moved, not only statistics
+
+
+def test_bad_inputs_are_refused_with_the_reason(tmp_path: Path) -> None:
+    source = _run(tmp_path / "run")
+    with pytest.raises(DataError, match="missing: no such image file or folder"):
+        adapt_run(source, [tmp_path / "missing"], tmp_path / "a")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images to adapt on"):
+        adapt_run(source, [tmp_path / "empty"], tmp_path / "b")
+    with pytest.raises(ConfigError, match="unknown adaptation method 'bn'"):
+        adapt_run(source, [_images(tmp_path / "target")], tmp_path / "c", method="bn")
+    adapt_run(source, [tmp_path / "target"], tmp_path / "d")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        adapt_run(source, [tmp_path / "target"], tmp_path / "d")
