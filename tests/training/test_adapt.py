@@ -96,3 +96,24 @@ def test_bad_inputs_are_refused_with_the_reason(tmp_path: Path) -> None:
     adapt_run(source, [tmp_path / "target"], tmp_path / "d")
     with pytest.raises(ConfigError, match="already holds a run"):
         adapt_run(source, [tmp_path / "target"], tmp_path / "d")
+
+
+def test_predict_adapt_predicts_with_the_model_adapted_on_those_images(tmp_path: Path, capsys) -> None:
+    import pandas as pd
+
+    from dermlab.cli import main
+
+    source = _run(tmp_path / "run")
+    images = _images(tmp_path / "target")
+    assert main(["predict", str(source), str(images), "--out", str(tmp_path / "plain.csv")]) == 0
+    assert main(["predict", str(source), str(images), "--adapt", "adabn", "--batch-size", "6", "--out", str(tmp_path / "adapted.csv")]) == 0
+    assert "adapted with adabn on the 6 images given" in capsys.readouterr().err
+    plain, adapted = pd.read_csv(tmp_path / "plain.csv"), pd.read_csv(tmp_path / "adapted.csv")
+    assert list(plain["path"]) == list(adapted["path"])
+    assert not np.allclose(plain["prob_mel"], adapted["prob_mel"])  # other statistics, other probabilities
+    # the same as adapting into a run folder and predicting with it (one batch of all six: the same statistics)
+    adapt_run(source, [images], tmp_path / "adapted-run", method="adabn", batch_size=6)
+    assert main(["predict", str(tmp_path / "adapted-run"), str(images), "--out", str(tmp_path / "from-run.csv")]) == 0
+    assert np.allclose(pd.read_csv(tmp_path / "from-run.csv")["prob_mel"], adapted["prob_mel"], atol=1e-5)
+    assert main(["predict", str(source), str(images), "--adapt", "adabn", "--engine", "onnx"]) == 2
+    assert "does not work with --engine onnx" in capsys.readouterr().err

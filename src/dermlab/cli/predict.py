@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dermlab.cli._common import add_behaviour_arguments, behaviour_options
 
@@ -42,6 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_behaviour_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--engine", choices=["torch", "onnx"], default="torch", help="inference engine (default torch)")
+    parser.add_argument(
+        "--adapt", metavar="METHOD",
+        help="first adapt the model to these very images, without labels: adabn or tent (see dermlab adapt, which "
+        "keeps the adapted run); for this prediction only, torch engine",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -74,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no image files found in " + ", ".join(map(str, args.inputs)), file=sys.stderr)
         return 2
-    predictor = Predictor.from_path(args.run, engine=args.engine, batch_size=args.batch_size, **behaviour_options(args))
+    if args.adapt:
+        predictor = _adapted_predictor(args, paths)
+    else:
+        predictor = Predictor.from_path(args.run, engine=args.engine, batch_size=args.batch_size, **behaviour_options(args))
     metadata = None
     if args.metadata:
         from dermlab.data.metadata import read_metadata_csv
@@ -126,6 +134,25 @@ def run(args: argparse.Namespace) -> int:
     rules = " (predicted_argmax and predicted_balanced give both rules)" if "predicted_balanced" in table else ""
     print(f"wrote {out} ({count}{note}; model {predictor.model_id}, {predictor.engine}; column predicted: {predictor.decision_rule} rule{rules})")
     return 0
+
+
+def _adapted_predictor(args: argparse.Namespace, paths: list[Path]) -> Any:
+    """``--adapt``: the run's model adapted (AdaBN / TENT) on the images to predict, held in memory only."""
+    from dermlab.errors import ConfigError
+    from dermlab.models.checkpoint import load_checkpoint
+    from dermlab.serving.predictor import Predictor
+    from dermlab.training.adapt import ADAPTATION_METHODS, adapt_model
+
+    if args.engine != "torch":
+        raise ConfigError("--adapt changes the torch network's BatchNorm layers; it does not work with --engine onnx")
+    if args.adapt not in ADAPTATION_METHODS:
+        raise ConfigError(f"--adapt {args.adapt!r}: valid methods are {', '.join(ADAPTATION_METHODS.list())}")
+    if len(paths) < 2:
+        raise ConfigError("--adapt needs at least 2 images (BatchNorm statistics of one image are not statistics)")
+    loaded = load_checkpoint(args.run)
+    details = adapt_model(loaded, paths, args.adapt, batch_size=max(2, args.batch_size))
+    print(f"adapted with {args.adapt} on the {details['images_seen']} images given, for this prediction only", file=sys.stderr)
+    return Predictor(loaded, batch_size=args.batch_size, **behaviour_options(args))
 
 
 def _metadata_counts(statuses: pd.Series, source: str | None) -> str:
