@@ -83,19 +83,8 @@ def run(args: argparse.Namespace) -> int:
         predictor = _adapted_predictor(args, paths)
     else:
         predictor = Predictor.from_path(args.run, engine=args.engine, batch_size=args.batch_size, **behaviour_options(args))
-    metadata = None
-    if args.metadata:
-        from dermlab.data.metadata import read_metadata_csv
-
-        predictor.refuse_metadata_unless_fused(True)
-        metadata = read_metadata_csv(args.metadata)
+    metadata = _read_metadata(args, predictor)
     print(predictor.behaviour.describe(), file=sys.stderr)
-    if predictor.takes_metadata and metadata is None:
-        print(
-            f"note: {predictor.model_id} fuses age, sex and localization with the image; without --metadata FILE.csv "
-            "every image is predicted with all three unknown (column metadata = missing)",
-            file=sys.stderr,
-        )
 
     console = Console(stderr=True)
     results = []
@@ -134,6 +123,22 @@ def run(args: argparse.Namespace) -> int:
     rules = " (predicted_argmax and predicted_balanced give both rules)" if "predicted_balanced" in table else ""
     print(f"wrote {out} ({count}{note}; model {predictor.model_id}, {predictor.engine}; column predicted: {predictor.decision_rule} rule{rules})")
     return 0
+
+
+def _read_metadata(args: argparse.Namespace, predictor: Any) -> Any:
+    """``--metadata FILE.csv`` read and checked (only a fusion model takes it); a note when a fusion model has none."""
+    if args.metadata:
+        from dermlab.data.metadata import read_metadata_csv
+
+        predictor.refuse_metadata_unless_fused(True)
+        return read_metadata_csv(args.metadata)
+    if predictor.takes_metadata:
+        print(
+            f"note: {predictor.model_id} fuses age, sex and localization with the image; without --metadata FILE.csv "
+            "every image is predicted with all three unknown (column metadata = missing)",
+            file=sys.stderr,
+        )
+    return None
 
 
 def _adapted_predictor(args: argparse.Namespace, paths: list[Path]) -> Any:

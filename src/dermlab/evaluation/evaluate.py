@@ -228,17 +228,22 @@ def score_predictions(
     metrics.update(extra or {})
     atomic_save(out_dir / "predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
     atomic_write_json(out_dir / "metrics.json", metrics)
-    cm = np.asarray(metrics["confusion_matrix"])
-    plot_confusion_matrix(cm, list(classes), out_dir / "confusion_matrix.png", normalize=False)
-    plot_confusion_matrix(cm, list(classes), out_dir / "confusion_matrix_normalized.png", normalize=True)
-    plot_roc_curves(y_true, y_prob, list(classes), out_dir / "roc.png")
-    bins = reliability_bins(y_true, y_prob, n_bins=evaluation.ece_bins)
+    _write_plots(out_dir, y_true, y_prob, list(classes), np.asarray(metrics["confusion_matrix"]), evaluation.ece_bins, uncalibrated)
+    return metrics
+
+
+def _write_plots(out_dir: Path, y_true: np.ndarray, y_prob: np.ndarray, classes: list[str], cm: np.ndarray, ece_bins: int,
+                 uncalibrated: np.ndarray | None) -> None:
+    """The confusion matrices, ROC curves and reliability diagram (before and after calibration when given)."""
+    plot_confusion_matrix(cm, classes, out_dir / "confusion_matrix.png", normalize=False)
+    plot_confusion_matrix(cm, classes, out_dir / "confusion_matrix_normalized.png", normalize=True)
+    plot_roc_curves(y_true, y_prob, classes, out_dir / "roc.png")
+    bins = reliability_bins(y_true, y_prob, n_bins=ece_bins)
     if uncalibrated is None:
         plot_reliability_diagram(bins, out_dir / "reliability.png")
     else:
-        before = reliability_bins(y_true, uncalibrated, n_bins=evaluation.ece_bins)
+        before = reliability_bins(y_true, uncalibrated, n_bins=ece_bins)
         plot_reliability_diagram(before, out_dir / "reliability.png", calibrated=bins)
-    return metrics
 
 
 def evaluate_frame(
