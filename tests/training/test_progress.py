@@ -58,7 +58,9 @@ def test_a_log_file_gets_one_plain_line_per_epoch_and_no_bar(ham_dir: Path, tmp_
     assert [(m[1], int(m[2]), int(m[3])) for m in epochs] == [("stage1", 1, 2), ("stage1", 2, 2), ("stage2", 1, 1)]
     for match in epochs:
         assert "train/loss " in match[4] and "val/loss " in match[4] and "val/balanced_accuracy " in match[4]
-    steps = [line for line in lines if not EPOCH_LINE.match(line)]
+    plan = [line for line in lines if re.match(r"^stage\d: (the head|the whole network|the last)", line)]
+    assert [line.split(":")[0] for line in plan] == ["stage1", "stage2"] and lines[:2] == plan  # the stages, first
+    steps = [line for line in lines if not EPOCH_LINE.match(line) and line not in plan]
     assert all(line.startswith("caching features of ") for line in steps), steps  # one line per cached split
 
 

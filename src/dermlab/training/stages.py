@@ -60,7 +60,7 @@ class Stage:
 
     def describe(self, mixing_method: str = "none") -> str:
         """One line for the console and metrics.json, e.g. ``stage2: the whole network on images, ...``."""
-        inputs = STAGE_INPUTS[self.inputs] + (f" ({self.views} views)" if self.inputs != "pixels" else "")
+        inputs = STAGE_INPUTS[self.inputs] + (f" ({self.views} view{'s' if self.views != 1 else ''})" if self.inputs != "pixels" else "")
         parts = [f"{self.name}: {self.trainable()} on {inputs}", f"{self.epochs} epochs", f"lr {self.lr:g}", f"batch {self.batch_size}"]
         if self.mixing != "none":
             parts.append(self.mixing + {"pixels": "", "features": " of the pooled features", "trunk": " of the trunk maps"}[self.inputs])
