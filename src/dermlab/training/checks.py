@@ -27,6 +27,7 @@ from dermlab.training.samplers import SAMPLERS
 
 __all__ = ["check_combinations", "check_names"]
 
+
 def check_names(config: Config) -> None:
     """Refuse the first name of ``config`` that its registry does not hold (one line naming the field)."""
     data = config.data
