@@ -20,7 +20,7 @@ each with a 95% bootstrap interval over the test split's lesions (1,000 resample
 class and each row's wall time (the whole run as a user waits for it: training and the final evaluation for
 dermlab, training, loading and prediction for the peer; and the training alone); then the
 paired lesion-bootstrap differences (same resamples for both) of each dermlab row from the peer, and of
-each second seed from its first (the noise of one run). Finished
+each second seed from its first (the noise of one run), and of the default from its no-LP-init ablation. Finished
 rows are skipped, so the command continues where it stopped; a row skipped as finished keeps its wall time.
 ``--quick`` does the same on synthetic images with a tiny model and a 1-epoch peer on 24 images (smoke test).
 
@@ -59,6 +59,7 @@ ENSEMBLES = {"ensemble-default-x2": ("default", "default-seed2")}
 PAIRS = [
     ("default", "peer-seed0"), ("default-seed2", "peer-seed1"), ("ensemble-default-x2", "peer-seed0"),
     ("default-seed2", "default"), ("peer-seed1", "peer-seed0"), ("ensemble-default-x2", "default"),
+    ("default", "no_lp_init"),
 ]
 
 
