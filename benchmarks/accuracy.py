@@ -144,6 +144,8 @@ def _peer_row(args: argparse.Namespace, name: str, seed: int, splits: Path) -> d
         print(f"[{name}] already finished on this splits.csv, skipped", flush=True)
     else:
         command = [sys.executable, str(args.peer), "--splits", str(splits), "--out", str(out), "--seed", str(seed), "--epochs", str(args.peer_epochs)]
+        if getattr(args, "peer_size", None):
+            command += ["--size", *(str(side) for side in args.peer_size)]
         if args.quick:
             command += ["--limit", "24", "--epochs", "1", "--size", "32", "32"]
         print("$", " ".join(command), flush=True)
@@ -330,6 +332,8 @@ def _score(name: str, truth: np.ndarray, prob: np.ndarray, classes: list[str], g
         "auc_macro": cell(metrics["auc_macro"], intervals.get("auc_macro")),
         "mel_sensitivity_at_80_spec": cell(sensitivity, intervals.get("sensitivity_at_specificity_mel")),
         "f1_macro": cell(metrics["f1_macro"], intervals.get("f1_macro")),
+        "precision_macro": cell(metrics["precision_macro"], intervals.get("precision_macro")),
+        "f1": {c: _rounded(v["f1"]) for c, v in metrics["per_class"].items()},
         "recall": {c: _rounded(v["recall"]) for c, v in metrics["per_class"].items()},
         "recall_balanced_rule": {c: _rounded(v["recall"]) for c, v in bal_metrics["per_class"].items()},
     }

@@ -25,6 +25,7 @@ BENCHMARKS = {
     "inference": ["results", "ratios"],
     "service": ["results", "ratios"],
     "accuracy": ["runs", "class_counts"],
+    "clinical": ["runs", "targets", "paired"],
     "external": ["rows", "in_distribution"],
     "robustness": ["runs", "reports", "tables"],
     "distillation": ["results", "experts", "timings_s"],
@@ -35,6 +36,7 @@ BENCHMARKS = {
 # the real-data grids train several runs each: two per grid cover their code paths in less time
 EXTRA_ARGS = {
     "accuracy": ["--only", "peer-seed0", "default", "default-seed2", "ensemble-default-x2"],
+    "clinical": ["--only", "peer-seed0", "default", "ref_b_baseline", "ref_b_cutmix", "ref_b_distill"],
     "robustness": ["--only", "default", "color_constancy"],
     "calibration_abstention": ["--fusion", "--fusion-seeds", "1"],
     # a server may need minutes to import and load beside another benchmark on a small machine

@@ -53,7 +53,7 @@ def test_unit_weights_reproduce_compute_metrics() -> None:
     metrics = compute_metrics(label, prob, CLASSES, target_class="mel", fixed_specificity=0.9)
     values = bootstrap_statistics(label, prob, CLASSES, np.ones((1, label.size)), "mel", 0.9)
     assert list(values) == interval_keys(CLASSES, "mel")
-    for key in ("accuracy", "balanced_accuracy", "f1_macro", "auc_macro"):
+    for key in ("accuracy", "balanced_accuracy", "precision_macro", "f1_macro", "auc_macro"):
         assert values[key][0] == pytest.approx(metrics[key], abs=1e-12)
     for name in ("nv", "mel", "bkl"):
         assert values[f"recall_{name}"][0] == pytest.approx(metrics["per_class"][name]["recall"], abs=1e-12)
@@ -105,7 +105,7 @@ def test_intervals_contain_the_estimate_and_repeat_for_a_seed() -> None:
         "groups": 200,
         "images": 400,
     }
-    point = {key: metrics[key] for key in ("accuracy", "balanced_accuracy", "f1_macro", "auc_macro")}
+    point = {key: metrics[key] for key in ("accuracy", "balanced_accuracy", "precision_macro", "f1_macro", "auc_macro")}
     point.update({f"recall_{name}": metrics["per_class"][name]["recall"] for name in CLASSES})
     point["sensitivity_at_specificity_mel"] = metrics["target"]["sensitivity_at_specificity"]["sensitivity"]
     assert set(first["intervals"]) == set(point)
@@ -191,7 +191,7 @@ def test_thousand_resamples_of_a_ham10000_sized_test_split() -> None:
     prob = _softmax(rng.normal(size=(1600, 7)) + 1.5 * np.eye(7)[label])
     groups = rng.integers(0, 1100, size=1600).astype(str)
     result = bootstrap_intervals(label, prob, classes, groups, resamples=1000, seed=0, target_class="mel")
-    assert len(result["intervals"]) == 4 + 7 + 1
+    assert len(result["intervals"]) == 5 + 7 + 1
     assert all(low <= high for low, high in result["intervals"].values())
 
 

@@ -141,7 +141,8 @@ def test_intervals_and_paired_differences(tmp_path: Path) -> None:
     written = json.loads((strong / "metrics.json").read_text())["test"]
     assert comparison.low.loc["strong", "balanced_accuracy"] == written["intervals"]["balanced_accuracy"][0]
     assert comparison.high.loc["strong", "recall_df"] == written["intervals"]["recall_df"][1]
-    assert math.isnan(comparison.low.loc["strong", "precision_macro"])  # no interval for it
+    assert comparison.low.loc["strong", "precision_macro"] == written["intervals"]["precision_macro"][0]
+    assert math.isnan(comparison.low.loc["strong", "recall_macro"])  # no interval for it (balanced accuracy has)
     assert (
         comparison.significant.loc["strong", "balanced_accuracy"]
         and comparison.significant.loc["strong", "auc_macro"]

@@ -238,3 +238,11 @@ def test_masks_mode_needs_a_mask_column(
     assert main(["explain", str(run_dir), "--masks", str(root)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "mask" in err and str(root) in err
+
+
+def test_the_help_lists_exactly_the_registered_cam_methods() -> None:
+    """`--help` names the methods without importing grad-cam; the registry stays the list it must match."""
+    from dermlab.cli import explain as explain_cli
+    from dermlab.explain.gradcam import CAM_METHODS
+
+    assert sorted(explain_cli._METHOD_NAMES.split(", ")) == sorted(CAM_METHODS.list())

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dermlab.cli._common import add_behaviour_arguments, behaviour_options, print_metrics_table
+from dermlab.data.splits import split_rows
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -76,9 +77,7 @@ def run(args: argparse.Namespace) -> int:
             raise DataError(f"{run_dir}: no splits.csv; pass --data DATA to evaluate on a dataset")
         frame = prepare_run_data(loaded.config, run_dir).frame
         default_out = run_dir / "eval" / args.split
-    rows = frame if args.split == "all" else frame[frame["split"] == args.split]
-    if args.data and args.split != "all" and len(rows) == 0:
-        rows = frame  # a plain folder has no splits: use all of it
+    rows = split_rows(frame, args.split, whole_if_unsplit=bool(args.data))  # a plain folder has no splits: all of it
     training_copies = _warn_training_copies(args, loaded, run_dir, rows) if args.data else None
     if args.shift or args.corruptions:
         shift_out = run_dir / "eval" / "shift" if not args.data and args.split == "test" else Path(f"{default_out}-shift")

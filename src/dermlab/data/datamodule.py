@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dermlab.data.images import read_image
+from dermlab.data.splits import split_rows
 from dermlab.errors import DataError
 
 __all__ = ["ImageDataset", "KeyedSampler", "SeededRandomSampler", "DermDataModule", "draw_seed"]
@@ -148,7 +149,7 @@ class DermDataModule(L.LightningDataModule):
         self.metadata_encoder = metadata_encoder  # metadata fusion: frame -> (N, D) tensor; None = images only
 
     def split_frame(self, split: str) -> pd.DataFrame:
-        return self.frame[self.frame["split"] == split].reset_index(drop=True)
+        return split_rows(self.frame, split)
 
     def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(

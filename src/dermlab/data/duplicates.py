@@ -779,7 +779,7 @@ def copies_of_run_training(
     """The rows of ``frame`` (``path`` column) that copy an image of the run's training split, as
     :func:`copies_of_reference` lists them; ``None`` when the run folder has no ``splits.csv`` to say which
     images it trained on. Training images no longer on disk are left out of the comparison."""
-    from dermlab.data.splits import SPLITS_FILE
+    from dermlab.data.splits import SPLITS_FILE, split_rows
 
     splits_path = Path(run_dir) / SPLITS_FILE
     if not splits_path.is_file():
@@ -788,7 +788,7 @@ def copies_of_run_training(
         splits = pd.read_csv(splits_path, dtype=str, keep_default_na=False, usecols=["path", "split"])
     except (OSError, ValueError) as error:
         raise DataError(f"{splits_path}: cannot read splits file ({error})") from None
-    training = [p for p in splits.loc[splits["split"] == "train", "path"] if os.path.isfile(p)]
+    training = [p for p in split_rows(splits, "train")["path"] if os.path.isfile(p)]
     cache_dir = duplicates_cache_dir(config, run_dir)
     return copies_of_reference(list(frame["path"]), training, config, cache_dir=cache_dir, workers=workers)
 

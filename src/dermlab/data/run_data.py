@@ -16,7 +16,7 @@ import pandas as pd
 from dermlab.config import Config
 from dermlab.data.datasets import DatasetTable, load_dataset
 from dermlab.data.duplicates import duplicates_cache_dir, record_excluded_copies, resolve_copies
-from dermlab.data.splits import create_splits, load_splits, save_splits
+from dermlab.data.splits import create_splits, load_splits, save_splits, split_rows
 from dermlab.errors import ConfigError, DataError
 
 __all__ = ["RunData", "prepare_run_data"]
@@ -40,7 +40,7 @@ class RunData:
 
     def rows(self, split: str) -> pd.DataFrame:
         """The rows of one split, re-indexed from 0."""
-        return self.frame[self.frame["split"] == split].reset_index(drop=True)
+        return split_rows(self.frame, split)
 
     def labels(self, split: str) -> list[int]:
         """The label indices of one split's rows, in :meth:`rows` order."""

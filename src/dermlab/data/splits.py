@@ -25,7 +25,7 @@ from dermlab.data.datasets import DatasetTable
 from dermlab.errors import ConfigError, DataError
 from dermlab.io import atomic_write_text
 
-__all__ = ["SPLIT_NAMES", "SPLITS_FILE", "create_splits", "save_splits", "load_splits", "split_count_table"]
+__all__ = ["SPLIT_NAMES", "SPLITS_FILE", "create_splits", "save_splits", "load_splits", "split_count_table", "split_rows"]
 
 SPLIT_NAMES = ("train", "val", "test")
 SPLITS_FILE = "splits.csv"
@@ -36,6 +36,20 @@ _GOOD_ENOUGH = 0.005  # stop trying once every class share is within half a poin
 _SPLITS_COLUMNS = ["image_id", "path", "label", "group", "split"]
 
 _log = logging.getLogger(__name__)
+
+
+def split_rows(frame: pd.DataFrame, split: str, whole_if_unsplit: bool = False) -> pd.DataFrame:
+    """The rows of ``split`` (``"all"``: every row), re-indexed from 0: the one place rows are filtered by split.
+
+    A frame without a ``split`` column has no rows in any split. ``whole_if_unsplit``: a dataset with no row in
+    ``split`` (a plain folder given to evaluate or explain) gives all its rows instead.
+    """
+    if split == "all":
+        return frame.reset_index(drop=True)
+    rows = frame[frame["split"] == split] if "split" in frame else frame.iloc[:0]
+    if whole_if_unsplit and len(rows) == 0:
+        rows = frame
+    return rows.reset_index(drop=True)
 
 
 def create_splits(

@@ -395,8 +395,37 @@ def _blend(image: np.ndarray, color: np.ndarray, alpha: np.ndarray) -> None:
     image += alpha * color
 
 
+@dataclass(frozen=True)
+class _Canvas:
+    """The square canvas's coordinates: in image heights, and in the lesion's own frame (``q``: 1 on its border)."""
+
+    side: int
+    height: int
+    x: np.ndarray
+    y: np.ndarray
+    u: np.ndarray
+    v: np.ndarray
+    q: np.ndarray
+    theta: np.ndarray
+    inside: np.ndarray  # soft lesion mask, 1 inside the border
+    cells: int  # noise-field resolution
+
+
 def _render_canvas(lesion: _Lesion, rng: np.random.Generator, height: int, width: int) -> Image.Image:
-    """The lesion on skin (with hairs) on a square canvas large enough for any rotated, zoomed-out view."""
+    """The lesion on skin (with hairs) on a square canvas large enough for any rotated, zoomed-out view.
+
+    Painted in layers, in this order (the random draws follow it): skin and lesion body, the dermoscopic
+    structures, then drawn marks (lobules, dots, cysts, ulcer, vessels, hairs).
+    """
+    canvas = _lesion_canvas(lesion, height, width)
+    image = _paint_skin_and_body(lesion, rng, canvas)
+    _paint_structures(lesion, rng, canvas, image)
+    _paint_marks(lesion, rng, canvas, image)
+    return Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
+
+
+def _lesion_canvas(lesion: _Lesion, height: int, width: int) -> _Canvas:
+    """The canvas side and coordinate fields for ``lesion``'s shape, orientation and border."""
     side = int(math.ceil(math.hypot(height, width) / 0.85)) + 4
     coords = (np.arange(side, dtype=np.float32) - side / 2) / height  # in image heights
     x, y = coords[None, :], coords[:, None]
@@ -412,7 +441,12 @@ def _render_canvas(lesion: _Lesion, rng: np.random.Generator, height: int, width
     q = r / np.maximum(border, 0.02)  # 0 at the centre, 1 on the border
     inside = 1 / (1 + np.exp(np.clip((q - 1) / lesion.edge, -30, 30)))
     cells = max(4, side // 24)
+    return _Canvas(side, height, x, y, u, v, q, theta, inside, cells)
 
+
+def _paint_skin_and_body(lesion: _Lesion, rng: np.random.Generator, canvas: _Canvas) -> np.ndarray:
+    """Mottled skin with erythema, then the lesion body: colours mixed by noise, blended in by the soft mask."""
+    side, cells, inside = canvas.side, canvas.cells, canvas.inside
     image = np.empty((side, side, 3), dtype=np.float32)
     image[:] = lesion.skin * (1 + 0.04 * _smooth_noise(rng, side, cells))[..., None]
     erythema = 0.08 + 0.06 * _smooth_noise(rng, side, cells // 2 + 2)
@@ -426,7 +460,12 @@ def _render_canvas(lesion: _Lesion, rng: np.random.Generator, height: int, width
         _blend(body, color, weight * lesion.mottle)
     body *= (1 + 0.06 * _smooth_noise(rng, side, cells * 3))[..., None]
     _blend(image, body, inside * lesion.opacity)
+    return image
 
+
+def _paint_structures(lesion: _Lesion, rng: np.random.Generator, canvas: _Canvas, image: np.ndarray) -> None:
+    """Pigment network, blue-grey veil, scales and a central white patch, each as strong as the lesion says."""
+    side, cells, inside, q, u, v, theta = canvas.side, canvas.cells, canvas.inside, canvas.q, canvas.u, canvas.v, canvas.theta
     if lesion.network > 0:  # pigment network: a dark mesh, warped, fading to the periphery
         period = 0.045 + 0.01 * rng.random()
         warp = (0.01 + 0.08 * lesion.network) * _smooth_noise(rng, side, cells)  # stronger = more atypical
@@ -443,6 +482,10 @@ def _render_canvas(lesion: _Lesion, rng: np.random.Generator, height: int, width
         patch = 1 / (1 + np.exp(np.clip((q - 0.45 - 0.1 * _smooth_noise(rng, side, cells)) / 0.08, -30, 30)))
         _blend(image, np.array([0.92, 0.88, 0.85]), lesion.central_white * patch)
 
+
+def _paint_marks(lesion: _Lesion, rng: np.random.Generator, canvas: _Canvas, image: np.ndarray) -> None:
+    """Drawn marks: vascular lobules, dots and globules, cysts, ulceration, arborising vessels, hairs."""
+    side, height, cells, inside, q, x, y = canvas.side, canvas.height, canvas.cells, canvas.inside, canvas.q, canvas.x, canvas.y
     overlay = Image.new("L", (side, side), 0)
     draw = ImageDraw.Draw(overlay)
     center = side / 2
@@ -499,8 +542,6 @@ def _render_canvas(lesion: _Lesion, rng: np.random.Generator, height: int, width
             draw.line([tuple(p) for p in points], fill=ink, width=line + 1, joint="curve")
         hair_color = np.array([0.12, 0.09, 0.07]) * rng.uniform(0.5, 1.5)
         _blend(image, hair_color, np.asarray(overlay, dtype=np.float32) / 255)
-
-    return Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
 
 
 def _draw_branch(draw: ImageDraw.ImageDraw, rng: np.random.Generator, start: tuple[float, float],

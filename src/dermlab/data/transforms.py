@@ -193,6 +193,27 @@ def _derm(preprocessing: Preprocessing) -> list[Transform]:
     ]
 
 
+@AUGMENTATIONS.register("clinical")
+def _clinical(preprocessing: Preprocessing) -> list[Transform]:
+    """For clinical photos (any framing and distance, phone cameras, an up and a down): scale, tilt, light.
+
+    Crops of 40-100% of the area at up to 4:3 either way of the input's aspect (a photo taken nearer or
+    farther), a tilt of up to 15 degrees (black corners where the crop keeps them), horizontal flips
+    only (a foot, a nail, a face have an up), and colour jitter stronger than ``derm``'s for phone cameras and
+    room light.
+    """
+    height, width = preprocessing.input_size
+    aspect = width / height
+    return [
+        v2.RandomRotation(degrees=15, interpolation=InterpolationMode.BILINEAR),
+        v2.RandomResizedCrop(
+            (height, width), scale=(0.4, 1.0), ratio=(aspect * 3 / 4, aspect * 4 / 3), antialias=True
+        ),
+        v2.RandomHorizontalFlip(),
+        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03),
+    ]
+
+
 @AUGMENTATIONS.register("derm-robust")
 def _derm_robust(preprocessing: Preprocessing) -> list[Transform]:
     """``derm`` hardened against other cameras and clinics: each step imitates one shift of the shift report.

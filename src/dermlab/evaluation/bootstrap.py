@@ -35,7 +35,7 @@ __all__ = [
 
 #: The metrics of all classes that get an interval; each class adds ``recall_<class>``, the target class
 #: ``sensitivity_at_specificity_<class>`` (see :func:`interval_keys`).
-BOOTSTRAP_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "auc_macro")
+BOOTSTRAP_METRICS = ("accuracy", "balanced_accuracy", "precision_macro", "f1_macro", "auc_macro")
 
 _MAX_CELLS = 4_000_000  # resamples x images handled at once: bounds memory to some 100 MB for any split
 _TOLERANCE = 1e-12  # the same slack as metrics.operating_points
@@ -92,11 +92,14 @@ def bootstrap_statistics(
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = np.where(present, hits / support, np.nan)
         f1 = np.where(present, 2.0 * hits / (support + predicted), np.nan)
+        # a present class never predicted has precision 0 (scikit-learn's zero_division=0, as compute_metrics)
+        precision = np.where(present, np.where(predicted > 0, hits / np.where(predicted > 0, predicted, 1.0), 0.0), np.nan)
     auc = np.stack([_weighted_auc(truth == k, prob[:, k], weights) for k in range(n_classes)], axis=1)
 
     statistics = {
         "accuracy": (weights @ correct) / weights.sum(axis=1),
         "balanced_accuracy": _row_nanmean(recall),
+        "precision_macro": _row_nanmean(precision),
         "f1_macro": _row_nanmean(f1),
         "auc_macro": _row_nanmean(auc),
     }

@@ -18,6 +18,7 @@ import pandas as pd
 import yaml
 
 from dermlab import __version__
+from dermlab.data.splits import split_rows
 from dermlab.errors import DataError
 from dermlab.io import atomic_write_text
 
@@ -295,7 +296,7 @@ def _limits_section(
         "the abstention rule rejects it."
     )
     if splits is not None and "test" in set(splits["split"]):
-        support = splits[splits["split"] == "test"]["label"].value_counts()
+        support = split_rows(splits, "test")["label"].value_counts()
         small = [f"{name} ({int(support.get(name, 0))})" for name in classes if support.get(name, 0) < _SMALL_SUPPORT]
         if small:
             items.append(

@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from dermlab.data.splits import split_rows
 from dermlab.errors import DataError
 from dermlab.evaluation.bootstrap import sensitivity_key
 from dermlab.evaluation.metrics import SUMMARY_METRICS
@@ -171,7 +172,7 @@ def _split_sizes_text(splits: pd.DataFrame | None) -> str:
     grouped = "group" in splits and splits["group"].nunique() < len(splits)
     parts = []
     for split in _split_order(splits):
-        rows = splits[splits["split"] == split]
+        rows = split_rows(splits, split)
         parts.append(
             f"{split} {len(rows)} images" + (f" ({rows['group'].nunique()} lesions)" if grouped else "")
         )

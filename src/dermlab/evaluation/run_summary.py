@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dermlab.data.splits import split_rows
 from dermlab.evaluation.abstention import AbstentionRule, fit_abstention, synthetic_non_lesion_images
 from dermlab.evaluation.bootstrap import sensitivity_key
 from dermlab.evaluation.decision import DecisionRule, checkpoint_decision, fit_tau
@@ -53,7 +54,7 @@ def summarise_run(
     loaded = load_checkpoint(run_dir)
     batch_size = loaded.config.data.eval_batch_size
     evaluation = loaded.config.evaluation
-    rows = {split: frame[frame["split"] == split].reset_index(drop=True) for split in splits}
+    rows = {split: split_rows(frame, split) for split in splits}
     rows = {split: part for split, part in rows.items() if len(part) > 0}
     logits: dict[str, np.ndarray] = {}
     views, tta_facts = resolve_tta_views(evaluation.tta), {}
@@ -228,7 +229,7 @@ def _choose_tta_on_val(
 
 def _train_prior(frame: pd.DataFrame, classes: list[str]) -> list[float] | None:
     """The training split's class shares (each class counted at least once), or None without train rows."""
-    train = frame[frame["split"] == "train"] if "split" in frame else frame.iloc[:0]
+    train = split_rows(frame, "train")
     if len(train) == 0:
         return None
     counts = train["label"].value_counts().reindex(classes, fill_value=0).clip(lower=1).to_numpy(dtype=np.float64)

@@ -22,6 +22,7 @@ from torch import nn
 
 from dermlab.data.images import read_image
 from dermlab.data.preprocessing import Preprocessing
+from dermlab.data.splits import split_rows
 from dermlab.data.transforms import create_transform
 from dermlab.errors import ConfigError, DataError
 from dermlab.explain.gallery import GalleryItem, render_gallery, render_gallery_sheet, select_gallery_examples
@@ -194,9 +195,7 @@ def _labelled_frame(loaded: LoadedModel, run_dir: Path, split: str, data: str | 
         from dermlab.data.run_data import prepare_run_data
 
         frame = prepare_run_data(loaded.config, run_dir).frame
-    rows = frame if split == "all" else frame[frame["split"] == split]
-    if data is not None and split != "all" and len(rows) == 0:
-        rows = frame  # a dataset without split folders: use all of it, as dermlab evaluate does
+    rows = split_rows(frame, split, whole_if_unsplit=data is not None)  # a dataset without splits: all of it
     if len(rows) == 0:
         raise DataError(f"{data or run_dir}: the {split} split is empty")
     return rows.reset_index(drop=True)
@@ -415,49 +414,17 @@ def measure_mask_agreement(
     being the mask's area share. Writes ``RUN/explain/mask_agreement.json`` (or ``out_path``) and a
     per-image CSV beside it; returns the JSON's content.
     """
-    from dermlab.data.datasets import load_dataset
-
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {limit}")
     loaded = load_checkpoint(run_or_checkpoint)
     run_dir = run_dir_of(run_or_checkpoint)
     CAM_METHODS.get(method)  # an unknown method fails before any image is read
-    table = load_dataset(data)
-    frame = table.frame
-    if "mask_path" not in frame.columns:
-        raise DataError(f"{data}: no lesion-mask column (mask_path, or data.csv_mask_column for CSV data)")
-    frame = frame[frame["mask_path"].astype(str) != ""].reset_index(drop=True)
-    if len(frame) == 0:
-        raise DataError(f"{data}: every mask_path cell is empty")
-    if limit is not None:
-        frame = frame.head(limit)
+    frame = _rows_with_masks(data, limit)
     size = tuple(loaded.preprocessing.input_size)
     classes = loaded.classes
-    index = {name: i for i, name in enumerate(classes)}
     device = _device()
     models = {"trained": loaded.model.to(device), "untrained": _untrained_twin(loaded, seed).to(device)}
-    transform = create_transform("none", loaded.preprocessing, train=False)
-    prior = _centre_prior(*size)
-    parts: dict[str, list[dict[str, float | int]]] = {name: [] for name in (*models, "centre_prior")}
-    columns: dict[str, list[Any]] = defaultdict(list)
-    # Batch by batch, so only one batch of full-size images is ever held; the summaries merge exactly.
-    for start in range(0, len(frame), batch_size):
-        rows = frame.iloc[start : start + batch_size]
-        batch = torch.stack([transform(read_image(path)) for path in rows["path"]]).to(device)
-        masks = [_read_mask(path, size) for path in rows["mask_path"]]
-        columns["mask_area_share"] += [float(mask.mean()) for mask in masks]
-        for name, model in models.items():
-            with torch.inference_mode():
-                predicted = model(batch).argmax(dim=1).cpu().tolist()
-            targets = [index.get(label, guess) for label, guess in zip(rows["label"], predicted)]
-            with CamExplainer(model, method=method) as explainer:
-                cams = explainer(batch, targets)
-            parts[name].append(summarise_mask_agreement(list(cams), masks))
-            columns[f"{name}_predicted"] += [classes[p] for p in predicted]
-            columns[f"{name}_target"] += [classes[t] for t in targets]
-            columns[f"{name}_energy_in_mask"] += [cam_energy_in_mask(c, m) for c, m in zip(cams, masks)]
-            columns[f"{name}_pointing_hit"] += [pointing_game_hit(c, m) for c, m in zip(cams, masks)]
-        parts["centre_prior"].append(summarise_mask_agreement([prior] * len(masks), masks))
+    parts, columns = _cams_against_masks(loaded, models, frame, method, batch_size, device)
     per_image = pd.DataFrame({"image_id": frame["image_id"].astype(str), "label": frame["label"].astype(str),
                               **columns})
     results: dict[str, Any] = {name: _merge_summaries(summaries) for name, summaries in parts.items()}
@@ -485,6 +452,53 @@ def measure_mask_agreement(
     atomic_write_json(out, _json_safe(summary))
     atomic_save(out.with_suffix(".csv"), lambda tmp: per_image.to_csv(tmp, index=False))
     return summary
+
+
+def _rows_with_masks(data: str | Path, limit: int | None) -> pd.DataFrame:
+    """The rows of ``data`` that have a lesion mask (the first ``limit``); a one-line error when none has."""
+    from dermlab.data.datasets import load_dataset
+
+    frame = load_dataset(data).frame
+    if "mask_path" not in frame.columns:
+        raise DataError(f"{data}: no lesion-mask column (mask_path, or data.csv_mask_column for CSV data)")
+    frame = frame[frame["mask_path"].astype(str) != ""].reset_index(drop=True)
+    if len(frame) == 0:
+        raise DataError(f"{data}: every mask_path cell is empty")
+    return frame.head(limit) if limit is not None else frame
+
+
+def _cams_against_masks(
+    loaded: LoadedModel, models: dict[str, nn.Module], frame: pd.DataFrame, method: str, batch_size: int, device: torch.device
+) -> tuple[dict[str, list[dict[str, float | int]]], dict[str, list[Any]]]:
+    """Per-batch mask-agreement summaries of each model's CAMs (and the centre prior's), and per-image columns.
+
+    Batch by batch, so only one batch of full-size images is ever held; the summaries merge exactly.
+    """
+    size = tuple(loaded.preprocessing.input_size)
+    classes = loaded.classes
+    index = {name: i for i, name in enumerate(classes)}
+    transform = create_transform("none", loaded.preprocessing, train=False)
+    prior = _centre_prior(*size)
+    parts: dict[str, list[dict[str, float | int]]] = {name: [] for name in (*models, "centre_prior")}
+    columns: dict[str, list[Any]] = defaultdict(list)
+    for start in range(0, len(frame), batch_size):
+        rows = frame.iloc[start : start + batch_size]
+        batch = torch.stack([transform(read_image(path)) for path in rows["path"]]).to(device)
+        masks = [_read_mask(path, size) for path in rows["mask_path"]]
+        columns["mask_area_share"] += [float(mask.mean()) for mask in masks]
+        for name, model in models.items():
+            with torch.inference_mode():
+                predicted = model(batch).argmax(dim=1).cpu().tolist()
+            targets = [index.get(label, guess) for label, guess in zip(rows["label"], predicted)]
+            with CamExplainer(model, method=method) as explainer:
+                cams = explainer(batch, targets)
+            parts[name].append(summarise_mask_agreement(list(cams), masks))
+            columns[f"{name}_predicted"] += [classes[p] for p in predicted]
+            columns[f"{name}_target"] += [classes[t] for t in targets]
+            columns[f"{name}_energy_in_mask"] += [cam_energy_in_mask(c, m) for c, m in zip(cams, masks)]
+            columns[f"{name}_pointing_hit"] += [pointing_game_hit(c, m) for c, m in zip(cams, masks)]
+        parts["centre_prior"].append(summarise_mask_agreement([prior] * len(masks), masks))
+    return parts, dict(columns)
 
 
 def _merge_summaries(parts: Sequence[dict[str, float | int]]) -> dict[str, float | int]:

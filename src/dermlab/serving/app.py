@@ -94,15 +94,7 @@ def create_app(
             raise HTTPException(401, "missing or wrong API token", headers={"WWW-Authenticate": "Bearer"})
 
     def read_upload(file: UploadFile) -> Image.Image:
-        # Starlette has already spooled the part (bounded by _UploadGuard); never read more than the limit + 1.
-        data = file.file.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise HTTPException(413, f"upload too large: more than {max_upload_bytes} bytes")
-        name = file.filename or "upload"
-        try:
-            return open_image_bytes(data, name=name, max_pixels=max_pixels)
-        except DataError as error:
-            raise HTTPException(_status_for(error), str(error)) from None
+        return _upload_image(file, max_upload_bytes, max_pixels)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
@@ -110,33 +102,7 @@ def create_app(
 
     @app.get("/health", summary="liveness, model id and classes")
     def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "model_id": predictor.model_id,
-            "classes": list(predictor.classes),
-            "engine": getattr(predictor, "engine", "torch"),
-            "temperature": getattr(predictor, "temperature", None),
-            "tta_views": list(getattr(predictor, "tta_views", ("identity",))),
-            "abstention": getattr(predictor, "abstention", None) is not None,
-            "metadata_fusion": takes_metadata,
-            "metadata_fields": {"age": "years, 0-120", "sex": list(SEXES), "localization": list(LOCALIZATIONS)}
-            if takes_metadata
-            else None,
-            "disclaimer": DISCLAIMER,
-        }
-
-    def read_metadata(age: str | None, sex: str | None, localization: str | None) -> PatientMetadata | None:
-        given = any(value is not None and value.strip() for value in (age, sex, localization))
-        if not takes_metadata:
-            if given:
-                raise HTTPException(
-                    422, f"model {predictor.model_id} does not take metadata (age, sex, localization); send the image alone"
-                )
-            return None
-        try:
-            return parse_patient_metadata(age, sex, localization, where="form field")
-        except DataError as error:
-            raise HTTPException(422, str(error)) from None
+        return _health_answer(predictor, takes_metadata)
 
     @app.post("/predict", summary="class probabilities of one image", dependencies=[Depends(require_token)])
     def predict(
@@ -147,31 +113,8 @@ def create_app(
             None, description=f"metadata-fusion models: the body site, one of {list(LOCALIZATIONS)}; empty = unknown"
         ),
     ) -> dict[str, Any]:
-        record = read_metadata(age, sex, localization)
-        image = read_upload(file)
-        abstaining = getattr(predictor, "predict_with_abstention", None)
-        rows = [record] if takes_metadata else None
-        if abstaining is not None:
-            result = abstaining([image], rows) if rows is not None else abstaining([image])
-            probabilities, uncertain, reasons = result.probabilities[0], bool(result.uncertain[0]), result.reasons[0]
-        else:  # a predictor without abstention support
-            probabilities, uncertain, reasons = predictor.predict_images([image])[0], False, []
-        by_rule = _classes_by_rule(predictor, probabilities)
-        rule = getattr(predictor, "decision_rule", "argmax")
-        top = predictor.classes.index(by_rule[rule])
-        return {
-            "probabilities": {name: float(p) for name, p in zip(predictor.classes, probabilities)},
-            "top_class": predictor.classes[top],
-            "top_probability": float(probabilities[top]),
-            "decision_rule": rule,
-            "class_by_rule": by_rule,
-            "uncertain": uncertain,
-            "message": UNCERTAIN_MESSAGE if uncertain else None,
-            "uncertain_reasons": reasons,
-            "metadata": _metadata_answer(record) if takes_metadata else None,
-            "model_id": predictor.model_id,
-            "disclaimer": DISCLAIMER,
-        }
+        record = _metadata_record(predictor, takes_metadata, age, sex, localization)
+        return _prediction_answer(predictor, read_upload(file), record, takes_metadata)
 
     @app.post(
         "/explain",
@@ -199,6 +142,84 @@ def create_app(
         return Response(content=png, media_type="image/png", headers={"X-Disclaimer": DISCLAIMER})
 
     return app
+
+
+def _upload_image(file: Any, max_upload_bytes: int, max_pixels: int | None) -> Image.Image:
+    """The uploaded image, or an HTTP error: 413 above ``max_upload_bytes``, 400 / 413 / 415 for a bad file."""
+    from fastapi import HTTPException
+
+    # Starlette has already spooled the part (bounded by _UploadGuard); never read more than the limit + 1.
+    data = file.file.read(max_upload_bytes + 1)
+    if len(data) > max_upload_bytes:
+        raise HTTPException(413, f"upload too large: more than {max_upload_bytes} bytes")
+    try:
+        return open_image_bytes(data, name=file.filename or "upload", max_pixels=max_pixels)
+    except DataError as error:
+        raise HTTPException(_status_for(error), str(error)) from None
+
+
+def _health_answer(predictor: Any, takes_metadata: bool) -> dict[str, Any]:
+    """``/health``: liveness, the model, its classes and how it predicts."""
+    return {
+        "status": "ok",
+        "model_id": predictor.model_id,
+        "classes": list(predictor.classes),
+        "engine": getattr(predictor, "engine", "torch"),
+        "temperature": getattr(predictor, "temperature", None),
+        "tta_views": list(getattr(predictor, "tta_views", ("identity",))),
+        "abstention": getattr(predictor, "abstention", None) is not None,
+        "metadata_fusion": takes_metadata,
+        "metadata_fields": {"age": "years, 0-120", "sex": list(SEXES), "localization": list(LOCALIZATIONS)}
+        if takes_metadata
+        else None,
+        "disclaimer": DISCLAIMER,
+    }
+
+
+def _metadata_record(
+    predictor: Any, takes_metadata: bool, age: str | None, sex: str | None, localization: str | None
+) -> PatientMetadata | None:
+    """The form's metadata for a fusion model (422 when invalid); 422 when a model without fusion is sent some."""
+    from fastapi import HTTPException
+
+    given = any(value is not None and value.strip() for value in (age, sex, localization))
+    if not takes_metadata:
+        if given:
+            raise HTTPException(
+                422, f"model {predictor.model_id} does not take metadata (age, sex, localization); send the image alone"
+            )
+        return None
+    try:
+        return parse_patient_metadata(age, sex, localization, where="form field")
+    except DataError as error:
+        raise HTTPException(422, str(error)) from None
+
+
+def _prediction_answer(predictor: Any, image: Image.Image, record: PatientMetadata | None, takes_metadata: bool) -> dict[str, Any]:
+    """``/predict``'s answer: probabilities, the class of each decision rule, abstention and the disclaimer."""
+    abstaining = getattr(predictor, "predict_with_abstention", None)
+    rows = [record] if takes_metadata else None
+    if abstaining is not None:
+        result = abstaining([image], rows) if rows is not None else abstaining([image])
+        probabilities, uncertain, reasons = result.probabilities[0], bool(result.uncertain[0]), result.reasons[0]
+    else:  # a predictor without abstention support
+        probabilities, uncertain, reasons = predictor.predict_images([image])[0], False, []
+    by_rule = _classes_by_rule(predictor, probabilities)
+    rule = getattr(predictor, "decision_rule", "argmax")
+    top = predictor.classes.index(by_rule[rule])
+    return {
+        "probabilities": {name: float(p) for name, p in zip(predictor.classes, probabilities)},
+        "top_class": predictor.classes[top],
+        "top_probability": float(probabilities[top]),
+        "decision_rule": rule,
+        "class_by_rule": by_rule,
+        "uncertain": uncertain,
+        "message": UNCERTAIN_MESSAGE if uncertain else None,
+        "uncertain_reasons": reasons,
+        "metadata": _metadata_answer(record) if takes_metadata else None,
+        "model_id": predictor.model_id,
+        "disclaimer": DISCLAIMER,
+    }
 
 
 def _classes_by_rule(predictor: Any, probabilities: np.ndarray) -> dict[str, str]:

@@ -44,6 +44,7 @@ from torch import nn
 
 from dermlab.config import Config, DistillConfig
 from dermlab.data.preprocessing import Preprocessing
+from dermlab.data.splits import split_rows
 from dermlab.errors import ConfigError
 from dermlab.losses.distillation import group_sample_masks, lfme_loss
 from dermlab.models.checkpoint import resolve_checkpoint_path
@@ -287,7 +288,7 @@ class Distillation:
         }
 
     def _expert_accuracy_from_images(self) -> list[float]:
-        val = self.frame[self.frame["split"] == "val"].reset_index(drop=True)
+        val = split_rows(self.frame, "val")
         key = self._cache_key("val", val, 1, self.eval_transform)
         packed = load_or_compute_features(self.cache_dir, key, lambda: self._logits_over(val, self.eval_transform, 1))[0]
         labels = [self.classes.index(label) for label in val["label"]]

@@ -34,6 +34,7 @@ from dermlab.data.datamodule import DermDataModule
 from dermlab.data.metadata import encode_metadata
 from dermlab.data.preprocessing import Preprocessing
 from dermlab.data.run_data import RunData, prepare_run_data
+from dermlab.data.splits import split_rows
 from dermlab.data.transforms import create_transform
 from dermlab.errors import ConfigError
 from dermlab.io import atomic_save, atomic_write_json
@@ -332,7 +333,7 @@ def _cached_splits(parts: _RunParts, views: int, forward: Any = None, cut: int |
         model.to(memory_format=torch.channels_last)
     splits = {}
     for split, transform, n_views in (("train", parts.train_transform, views), ("val", parts.eval_transform, 1)):
-        frame = source[source["split"] == split].reset_index(drop=True)
+        frame = split_rows(source, split)
         key = feature_cache_key(config, parts.preprocessing, transform, n_views, frame, model, trunk_cut=cut)
         features = load_or_compute_features(
             parts.feature_cache_dir,
