@@ -13,7 +13,7 @@ from dermlab.data.transforms import AUGMENTATIONS, create_transform
 from dermlab.errors import ConfigError
 from dermlab.registry import Registry
 
-PRESETS = ["derm", "derm-robust", "none", "reference-a", "reference-b"]
+PRESETS = ["clinical", "derm", "derm-robust", "none", "reference-a", "reference-b"]
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_train_augmentation_is_random_but_seedable(image: Image.Image) -> None:
 
 
 def test_unknown_preset_lists_the_names() -> None:
-    with pytest.raises(ConfigError, match="valid names: derm, derm-robust, none, reference-a, reference-b"):
+    with pytest.raises(ConfigError, match="valid names: clinical, derm, derm-robust, none, reference-a, reference-b"):
         create_transform("autoaugment", _preprocessing(), train=True)
     with pytest.raises(ConfigError, match="autoaugment"):
         create_transform("autoaugment", _preprocessing(), train=False)
