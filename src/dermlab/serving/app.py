@@ -145,7 +145,7 @@ def create_app(
 
 
 def _upload_image(file: Any, max_upload_bytes: int, max_pixels: int | None) -> Image.Image:
-    """The uploaded image, or an HTTP error: 413 above ``max_upload_bytes``, 400 / 413 / 415 for a bad file."""
+    """The uploaded image, or an HTTP error: 413 above ``max_upload_bytes``, else ``_status_for`` a bad file."""
     from fastapi import HTTPException
 
     # Starlette has already spooled the part (bounded by _UploadGuard); never read more than the limit + 1.
