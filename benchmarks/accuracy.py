@@ -379,6 +379,20 @@ def _print_rows(rows: list[dict[str, Any]], classes: list[str]) -> None:
     print_table("test recall per class (argmax rule)", [[r["run"], *[r["recall"].get(c, float("nan")) for c in classes]] for r in rows], ["run", *classes])
 
 
+def _paired_markdown(paired: dict[str, Any]) -> list[str]:
+    """One markdown table per paired difference of :func:`_paired`, each after a blank line."""
+    lines: list[str] = []
+    for pair, figures in paired.items():
+        lines += ["", f"| paired difference, {pair} ({figures['images']} images) | difference | 95% interval | excludes 0 |", "|---|---|---|---|"]
+        for key, value in figures.items():
+            if key == "images":
+                continue
+            interval = f"[{value['interval'][0]:+.3f}, {value['interval'][1]:+.3f}]" if value["interval"] else "-"
+            difference = f"{value['difference']:+.3f}" if value["difference"] is not None else "-"
+            lines.append(f"| {key} | {difference} | {interval} | {'yes' if value['significant'] else 'no'} |")
+    return lines
+
+
 def _markdown(rows: list[dict[str, Any]], classes: list[str], counts: pd.DataFrame, targets: dict[str, Any], paired: dict[str, Any] | None = None,
               gain: dict[str, Any] | None = None) -> str:
     head = "| run | accuracy | balanced accuracy | macro AUC | mel sensitivity @ 80% spec | macro F1 | wall (min) | train (min) |"
@@ -391,14 +405,7 @@ def _markdown(rows: list[dict[str, Any]], classes: list[str], counts: pd.DataFra
         lines += ["", "| target (default recipe) | value | goal | | peer | ahead of peer |", "|---|---|---|---|---|---|"]
         for key, value in targets.items():
             lines.append(f"| {key} | {value['value']:.3f} | >= {value['target']} | {'met' if value['met'] else 'missed'} | {value.get('peer', '')} | {value.get('ahead_of_peer', '')} |")
-    for pair, figures in (paired or {}).items():
-        lines += ["", f"| paired difference, {pair} ({figures['images']} images) | difference | 95% interval | excludes 0 |", "|---|---|---|---|"]
-        for key, value in figures.items():
-            if key == "images":
-                continue
-            interval = f"[{value['interval'][0]:+.3f}, {value['interval'][1]:+.3f}]" if value["interval"] else "-"
-            difference = f"{value['difference']:+.3f}" if value["difference"] is not None else "-"
-            lines.append(f"| {key} | {difference} | {interval} | {'yes' if value['significant'] else 'no'} |")
+    lines += _paired_markdown(paired or {})
     for name, figures in (gain or {}).items():
         lines += ["", f"| {name} over {figures['over']} (+{figures['extra_wall_min']} min wall) | gain | gain per extra minute |", "|---|---|---|"]
         for key in [*HEADLINE, "f1_macro"]:

@@ -160,14 +160,7 @@ def _markdown(rows: list[dict[str, Any]], classes: list[str], smallest: list[str
     if targets:
         lines += ["", "| target (clinical default) | value | goal / peer | |", "|---|---|---|---|"]
         lines += [f"| {k} | {v['value']} | {v.get('target', v.get('peer'))} | {'met' if v['met'] else 'missed'} |" for k, v in targets.items()]
-    for pair, figures in paired.items():
-        lines += ["", f"| paired difference, {pair} ({figures['images']} images) | difference | 95% interval | excludes 0 |", "|---|---|---|---|"]
-        for key, value in figures.items():
-            if key == "images":
-                continue
-            interval = f"[{value['interval'][0]:+.3f}, {value['interval'][1]:+.3f}]" if value["interval"] else "-"
-            difference = f"{value['difference']:+.3f}" if value["difference"] is not None else "-"
-            lines.append(f"| {key} | {difference} | {interval} | {'yes' if value['significant'] else 'no'} |")
+    lines += side_by_side._paired_markdown(paired)
     lines += ["", "| split | " + " | ".join(classes) + " | total |", "|---" * (len(classes) + 2) + "|"]
     lines += [f"| {split} | " + " | ".join(str(int(v)) for v in row) + f" | {int(row.sum())} |" for split, row in counts.iterrows()]
     return "\n".join(lines) + "\n"
