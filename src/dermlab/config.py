@@ -167,6 +167,9 @@ class TrainConfig:
     stage2_epochs: int = 5
     stage2_lr: float = 1e-4
     unfreeze: str = "all"  # "all" or the number of last backbone blocks, e.g. "5"
+    # stage 2: keep every backbone BatchNorm layer's running statistics as loaded (the pretrained ones), training
+    # only their scale and shift; false = the statistics follow the training batches
+    frozen_batchnorm: bool = False
     optimizer: Literal["adam", "adamw"] = "adamw"
     weight_decay: float = 1e-4
     warmup_epochs: int = 0
@@ -251,6 +254,10 @@ class EvaluationConfig:
     decision_rule: Literal["argmax", "balanced"] = "argmax"
     abstain_false_rejection: float = 0.05  # share of val lesions the abstention rule may reject; 0 = no rule
     abstain_scores: list[str] = field(default_factory=lambda: ["max_probability", "energy"])
+    # after training: pooled-feature statistics of the train split (val for the references), stored in the
+    # checkpoint, for the shift warning of evaluate / predict and the abstention score "mahalanobis"
+    feature_statistics: bool = True
+    feature_components: int = 128  # principal axes of the training features kept for the Mahalanobis distance
     # 95% intervals of the headline metrics from this many bootstrap resamples of lesions; 0 = no intervals
     bootstrap_resamples: int = 1000
     bootstrap_seed: int = 0
@@ -264,6 +271,8 @@ class EvaluationConfig:
             )
         if self.decision_rule == "balanced" and not self.logit_adjustment:
             raise ConfigError("evaluation.decision_rule=balanced needs evaluation.logit_adjustment (it fits the rule's tau)")
+        if self.feature_components < 1:
+            raise ConfigError(f"evaluation.feature_components must be >= 1, got {self.feature_components}")
         if self.abstain_false_rejection > 0 and not self.abstain_scores:
             raise ConfigError("evaluation.abstain_scores needs at least one score when abstention is on")
 

@@ -115,3 +115,26 @@ def test_blocks_are_generic_across_families(name: str, last_block_param: str) ->
         unfreeze_last_blocks(model, spec)
         counts.append(trainable_parameter_count(model))
     assert counts[0] < counts[1] < counts[2]
+
+
+def test_each_training_epoch_starts_in_train_mode_whatever_mode_the_model_was_left_in() -> None:
+    """Lightning keeps the modes it finds at fit start: a model left in eval mode (as after an earlier stage)
+    once trained with its BatchNorm statistics frozen and dropout off. Frozen layers stay frozen on purpose."""
+    from torch import nn
+
+    from dermlab.config import ModelConfig
+    from dermlab.models.factory import create_model
+    from dermlab.models.freezing import freeze_batchnorm_statistics
+    from dermlab.training.module import ClassifierModule
+
+    model = create_model(ModelConfig(name="test_efficientnet", weights="none", input_size=[32, 32]), 2, load_weights=False)
+    module = ClassifierModule(model, nn.CrossEntropyLoss(), ["a", "b"])
+    model.eval()
+    module.on_train_epoch_start()
+    norms = [m for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert model.training and model.dropout.training and all(m.training for m in norms)
+    freeze_batchnorm_statistics(model)
+    model.eval()
+    module.on_train_epoch_start()
+    assert model.training and model.dropout.training and not any(m.training for m in norms)
+    assert all(p.requires_grad for m in norms for p in m.parameters())  # scale and shift still train

@@ -225,3 +225,15 @@ def test_train_and_summarise_reads_the_dataset_once_and_records_its_stages(ham_d
     assert metrics["stages"] == finished.training.stages and [line.split(":")[0] for line in metrics["stages"]] == ["stage1", "stage2"]
     assert metrics["label"] == "x" and {"val", "test"} <= set(metrics)
     assert finished.summary["test"]["n"] == int((pd.read_csv(tmp_path / "run" / "splits.csv")["split"] == "test").sum())
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_stage2_after_cached_features_trains_batchnorm_statistics_unless_frozen(ham_dir: Path, tmp_path: Path, frozen: bool) -> None:
+    """LP-FT: stage 2 after a stage 1 on cached features once ran with every module in eval mode (BatchNorm
+    statistics never moved, dropout off); now it trains them, or keeps them as loaded with train.frozen_batchnorm."""
+    run = tmp_path / "run"
+    train_run(_config(ham_dir, "train.stage1_epochs=1", "train.stage2_epochs=1", "train.cached_features=true",
+                      f"train.frozen_batchnorm={str(frozen).lower()}", "train.monitor=val/loss", "train.monitor_mode=min"), run)
+    state = torch.load(run / "checkpoints" / "stage2" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    tracked = [int(value) for key, value in state.items() if key.endswith("num_batches_tracked") and "backbone" in key]
+    assert tracked and (all(count == 0 for count in tracked) if frozen else all(count > 0 for count in tracked))

@@ -67,7 +67,7 @@ def _quiet_libraries(import_lightning: bool) -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in (
-        r".*module\(s\) in eval mode.*",  # frozen BatchNorm layers are in eval mode on purpose
+        r".*module\(s\) in eval mode.*",  # at fit start; ClassifierModule starts every epoch in train mode
         r".*isinstance\(treespec, LeafSpec\).*",
         r".*smaller than the logging interval.*",
         r".*does not have many workers.*",

@@ -28,6 +28,7 @@ __all__ = [
     "freeze_backbone",
     "unfreeze_last_blocks",
     "set_frozen_batchnorm_eval",
+    "freeze_batchnorm_statistics",
     "list_backbone_blocks",
     "trainable_parameter_count",
 ]
@@ -75,6 +76,15 @@ def unfreeze_last_blocks(model: nn.Module, spec: str | int) -> None:
             if hasattr(module, _FROZEN_FLAG):
                 delattr(module, _FROZEN_FLAG)
             module.train(model.training)
+
+
+def freeze_batchnorm_statistics(model: nn.Module) -> None:
+    """Keep every backbone BatchNorm layer in eval mode (running statistics as they are) while its scale and
+    shift stay as trainable as they were (``train.frozen_batchnorm``)."""
+    for module in _backbone(model).modules():
+        if isinstance(module, _BatchNorm):
+            setattr(module, _FROZEN_FLAG, True)
+    set_frozen_batchnorm_eval(model)
 
 
 def set_frozen_batchnorm_eval(model: nn.Module) -> None:

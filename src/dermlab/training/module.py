@@ -158,10 +158,13 @@ class ClassifierModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         if hasattr(self.loss, "set_epoch"):  # e.g. LDAM-DRW switches on its re-weighting at a given epoch
             self.loss.set_epoch(self.epoch_offset + self.current_epoch)
-        if self.frozen_backbone and not self.features_input:
-            from dermlab.models.freezing import set_frozen_batchnorm_eval
+        from dermlab.models.freezing import set_frozen_batchnorm_eval
 
-            set_frozen_batchnorm_eval(self.model)
+        # Lightning (>= 2.2) keeps each module's mode as it finds it at the start of fit: a model put in eval mode
+        # before (e.g. to cache stage 1's features) would train with its BatchNorm statistics and dropout off.
+        # Train mode, then the BatchNorm layers frozen on purpose (frozen backbone, train.frozen_batchnorm) back to eval.
+        self.model.train()
+        set_frozen_batchnorm_eval(self.model)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # dropout and mixing draw from the global generator: key it to the step so a resumed run repeats them

@@ -42,7 +42,7 @@ from dermlab.losses import create_loss
 from dermlab.models.checkpoint import checkpoint_metadata
 from dermlab.models.classifier import DermClassifier
 from dermlab.models.factory import create_model, resolve_preprocessing
-from dermlab.models.freezing import freeze_backbone, unfreeze_last_blocks
+from dermlab.models.freezing import freeze_backbone, freeze_batchnorm_statistics, unfreeze_last_blocks
 from dermlab.training.checkpoint_io import AtomicCheckpointIO, LastCheckpoint, remove_stale_temporaries
 from dermlab.training.checks import check_combinations, check_names
 from dermlab.training.curriculum import create_curriculum_sampler
@@ -141,6 +141,8 @@ def train_run(config: Config, run_dir: str | Path, resume: bool = False) -> Trai
             freeze_backbone(parts.model)
         else:
             unfreeze_last_blocks(parts.model, stage.unfreeze)
+            if stage.frozen_batchnorm:
+                freeze_batchnorm_statistics(parts.model)
         done = _stage_done(stage_dir)
         if done is None:
             module, fit_inputs, callbacks = STAGE_BUILDERS[stage.inputs](stage, parts)

@@ -48,6 +48,7 @@ class Stage:
     ema: bool = False
     ema_half_life: float = 0.1
     layer_decay: float = 1.0
+    frozen_batchnorm: bool = False  # the backbone's BatchNorm statistics stay as loaded (train.frozen_batchnorm)
 
     @property
     def frozen_backbone(self) -> bool:
@@ -70,6 +71,8 @@ class Stage:
             parts.append(f"EMA of the weights (half-life {self.ema_half_life:g} of the stage's steps)")
         if self.layer_decay < 1.0:
             parts.append(f"layer-wise lr decay {self.layer_decay:g}")
+        if self.frozen_batchnorm and not self.frozen_backbone:
+            parts.append("BatchNorm statistics frozen as loaded")
         return ", ".join(parts)
 
 
@@ -107,5 +110,6 @@ def plan_stages(config: Config) -> list[Stage]:
             ema=train.ema,
             ema_half_life=train.ema_half_life,
             layer_decay=train.layer_decay,
+            frozen_batchnorm=train.frozen_batchnorm,
         ))
     return stages
