@@ -566,3 +566,21 @@ def test_kd_from_an_ensemble_of_two_runs(ham_dir: Path, tmp_path: Path) -> None:
     result = train_run(student, tmp_path / "student")
     logged = pd.read_csv(tmp_path / "student" / "logs" / "metrics.csv")
     assert logged["train/distill"].dropna().gt(0).all() and result.best_checkpoint.is_file()
+
+
+def test_expert_class_counts_leave_out_the_copies_the_split_left_out(folders_split_dir: Path, tmp_path: Path) -> None:
+    """A publisher's test images copied into train are left out of the split; the experts' grouping must read the
+    split the same way (it once read the raw table and refused the split for the rows it did not have)."""
+    from dermlab.config import Config, apply_overrides
+    from dermlab.data.run_data import prepare_run_data
+    from dermlab.training.experts import train_class_counts
+
+    import shutil
+
+    for folder in sorted((folders_split_dir / "test").iterdir()):
+        shutil.copyfile(folder / "test00.jpg", folders_split_dir / "train" / folder.name / "copy_of_test00.jpg")
+    config = apply_overrides(Config(), [f"data.path={folders_split_dir}"])
+    data = prepare_run_data(config, tmp_path / "student")
+    assert len(pd.read_csv(tmp_path / "student" / "excluded_copies.csv")) == 3
+    counts = train_class_counts(config, tmp_path / "student" / "splits.csv")
+    assert list(counts.values()) == data.class_counts("train") and list(counts) == data.classes

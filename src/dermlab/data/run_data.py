@@ -53,6 +53,22 @@ class RunData:
         return [int(counts.get(name, 0)) for name in self.classes]
 
 
+def read_split_frame(config: Config, splits_file: str | Path) -> tuple[pd.DataFrame, list[str]]:
+    """The rows of ``config.data`` with the split of ``splits_file`` in a ``split`` column, as
+    :func:`prepare_run_data` reads them (copies resolved, the left-out ones dropped), and the dataset's classes;
+    writes nothing."""
+    if not config.data.path:
+        raise ConfigError("data.path is not set: pass the dataset folder")
+    splits_file = Path(splits_file)
+    table = load_dataset(config.data.path, config.data)
+    copies = resolve_copies(table, config.data, cache_dir=duplicates_cache_dir(config.data, splits_file.parent),
+                            workers=config.data.num_workers)
+    splits = load_splits(splits_file, copies.table, left_out=copies.excluded["image_id"])
+    frame = copies.table.frame.copy()
+    frame["split"] = splits.reindex(frame.index).fillna("").to_numpy()
+    return frame[frame["split"].isin(["train", "val", "test"])].reset_index(drop=True), list(table.classes)
+
+
 def prepare_run_data(config: Config, run_dir: str | Path, *, progress: bool = False) -> RunData:
     """Read the dataset and the split: reuse ``run_dir/splits.csv`` (or ``data.splits_file``), else make it.
 

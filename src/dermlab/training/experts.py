@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from dermlab.config import Config, apply_overrides
-from dermlab.data.datasets import load_dataset
-from dermlab.data.splits import load_splits
+from dermlab.data.run_data import read_split_frame
+from dermlab.data.splits import split_rows
 from dermlab.errors import ConfigError
 from dermlab.io import atomic_write_json
 from dermlab.models.checkpoint import resolve_checkpoint_path
@@ -40,14 +40,11 @@ def resolve_splits_file(path: str | Path) -> Path:
 
 
 def train_class_counts(config: Config, splits_file: str | Path) -> dict[str, int]:
-    """Training images per class of ``config.data.path`` under the split in ``splits_file``."""
-
-    if not config.data.path:
-        raise ConfigError("data.path is not set: pass the dataset folder")
-    table = load_dataset(config.data.path, config.data)
-    splits = load_splits(splits_file, table)
-    train = table.frame["label"][splits.reindex(table.frame.index) == "train"]
-    return {name: int((train == name).sum()) for name in table.classes}
+    """Training images per class of ``config.data.path`` under the split in ``splits_file``, read as training
+    reads it (copies left out of the split, e.g. a publisher's test images copied into train, are not counted)."""
+    frame, classes = read_split_frame(config, splits_file)
+    train = split_rows(frame, "train")["label"]
+    return {name: int((train == name).sum()) for name in classes}
 
 
 def train_experts(
