@@ -27,6 +27,7 @@ BENCHMARKS = {
     "accuracy": ["runs", "class_counts"],
     "clinical": ["runs", "targets", "paired"],
     "external": ["rows", "in_distribution"],
+    "familiarity": ["runs"],
     "robustness": ["runs", "reports", "tables"],
     "distillation": ["results", "experts", "timings_s"],
     "calibration_abstention": ["calibration", "abstention", "fusion"],
@@ -98,6 +99,10 @@ def test_every_benchmark_runs_quick_and_writes_its_json(tmp_path: Path) -> None:
     assert [row["method"] for row in external["rows"]] == ["as trained", "adabn", "tent"]
     assert all(0 <= row["auc"] <= 1 and row["images"] > 0 for row in external["rows"])
     assert set(external["in_distribution"]["run"]["after"]) == {"accuracy", "balanced_accuracy", "auc_macro"}
+    familiarity = json.loads((tmp_path / "results" / "familiarity-quick.json").read_text())["runs"]["run"]
+    assert set(familiarity["detection"]) == {"mahalanobis distance", "1 - max probability", "minus energy"}
+    assert all(0 <= d["auroc"] <= 1 for d in familiarity["detection"].values())
+    assert set(familiarity["rules"]) == {"as trained (logit scores)", "mahalanobis", "logit scores + mahalanobis"}
     trunk = json.loads((tmp_path / "results" / "stage2_trunk-quick.json").read_text())
     assert trunk["runs"]["cached_trunk"]["maps_mib"] > 0 and trunk["runs"]["cached_trunk"]["caching_passes_per_s"] > 0
     assert all(run["train_images_per_s"] > 0 for run in trunk["runs"].values())

@@ -40,6 +40,33 @@ def test_predict_folder_writes_good_rows_and_reports_bad_files(run_dir, image_fo
         assert sum(name in line for line in skipped) == 1
     assert "notes.txt" not in captured.err
     assert "3 images" in captured.out
+    assert "no feature statistics" in captured.err  # said, not silently skipped
+
+
+def test_predict_gives_each_image_its_feature_distance_and_the_set_its_familiarity(predictor, images, tmp_path, capsys):
+    import numpy as np
+    import torch
+
+    from dermlab.evaluation.familiarity import fit_feature_statistics
+    from dermlab.models.checkpoint import save_checkpoint
+
+    photos = [images.sample((40, 36), seed=i) for i in range(24)]
+    with torch.inference_mode():
+        pooled = predictor.loaded.model.forward_features(predictor.preprocess(photos)).numpy()
+    statistics = fit_feature_statistics(pooled[:16], pooled[16:], components=6)
+    loaded, run = predictor.loaded, tmp_path / "run"
+    save_checkpoint(run / "checkpoints" / "best.ckpt", loaded.model, loaded.config, loaded.classes, loaded.preprocessing,
+                    feature_statistics=statistics.to_dict())
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index, photo in enumerate(photos[:6]):
+        photo.save(folder / f"{index}.png")
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run), str(folder), "--out", str(out)]) == 0
+    table = pd.read_csv(out)
+    np.testing.assert_allclose(table.sort_values("image_id")["feature_distance"], statistics.distance(pooled[:6]), rtol=1e-4)
+    err = capsys.readouterr().err
+    assert "familiarity:" in err and "of these 6 images" in err
 
 
 def test_predict_files_with_tta_and_onnx(run_dir, onnx_path, image_folder, tmp_path):

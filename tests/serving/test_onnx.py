@@ -144,3 +144,36 @@ def test_onnx_matches_torch_for_a_fusion_model_fed_the_metadata_csv(photos, make
     assert np.abs(expected - without)[: len(PHOTO_METADATA)].max(axis=1).min() > 1e-3  # every row's metadata counts
     np.testing.assert_allclose(_probabilities(onnx_predictor, paths, metadata=metadata), expected, atol=1e-4, rtol=0)
     np.testing.assert_allclose(_probabilities(onnx_predictor, paths), without, atol=1e-4, rtol=0)
+
+
+def test_feature_statistics_and_a_mahalanobis_rule_travel_into_the_onnx_export(run_dir, predictor, images, tmp_path):
+    """The export gains a features output and the statistics: same distances, same verdicts as torch."""
+    import torch
+
+    from dermlab.evaluation.abstention import fit_abstention
+    from dermlab.evaluation.familiarity import fit_feature_statistics
+    from dermlab.models.checkpoint import load_checkpoint, save_checkpoint
+    from dermlab.serving.onnx_export import export_onnx
+
+    photos = [images.sample((40 + i % 7, 36), seed=i) for i in range(30)]
+    features = predictor.predict_with_abstention(photos).features
+    assert features is None  # no statistics in this checkpoint: no features computed
+    with torch.inference_mode():
+        pooled = predictor.loaded.model.forward_features(predictor.preprocess(photos)).numpy()
+    statistics = fit_feature_statistics(pooled[:20], pooled[20:], components=8)
+    logits = predictor.tta_logits(predictor.preprocess(photos[20:])).numpy()
+    rule = fit_abstention(logits, 0.2, ["energy", "mahalanobis"], features=pooled[20:], statistics=statistics)
+    loaded = predictor.loaded
+    root = tmp_path / "run"
+    save_checkpoint(root / "checkpoints" / "best.ckpt", loaded.model, loaded.config, loaded.classes, loaded.preprocessing,
+                    feature_statistics=statistics.to_dict(), abstention=rule.to_dict())
+    torch_predictor = Predictor(load_checkpoint(root))
+    onnx_predictor = Predictor.from_path(export_onnx(torch_predictor.loaded, root / "export" / "model.onnx"), engine="onnx")
+    assert onnx_predictor.statistics is not None and onnx_predictor.behaviour.needs_features
+    odd = [images.sample((60, 50), seed=100 + i).point(lambda v: 255 - v) for i in range(4)]
+    batch = photos[:20] + odd  # not the val images: their scores sit exactly on the thresholds ("lower" quantiles)
+    a, b = torch_predictor.predict_with_abstention(batch), onnx_predictor.predict_with_abstention(batch)
+    assert a.uncertain.any() and not a.uncertain.all()  # a comparison of both verdicts, not of all-accepted
+    np.testing.assert_allclose(a.feature_distance, b.feature_distance, rtol=1e-3, atol=1e-4)
+    assert a.uncertain.tolist() == b.uncertain.tolist() and a.reasons == b.reasons
+    assert np.abs(a.probabilities - b.probabilities).max() < 1e-4

@@ -117,3 +117,71 @@ def test_predict_adapt_predicts_with_the_model_adapted_on_those_images(tmp_path:
     assert np.allclose(pd.read_csv(tmp_path / "from-run.csv")["prob_mel"], adapted["prob_mel"], atol=1e-5)
     assert main(["predict", str(source), str(images), "--adapt", "adabn", "--engine", "onnx"]) == 2
     assert "does not work with --engine onnx" in capsys.readouterr().err
+
+
+def test_an_adapted_run_drops_the_feature_statistics_and_a_feature_score_rule_is_refused(tmp_path: Path) -> None:
+    from dermlab.evaluation.familiarity import fit_feature_statistics
+
+    rng = np.random.default_rng(0)
+    source = _run(tmp_path / "run")
+    loaded = load_checkpoint(source)
+    width = loaded.model.num_features
+    statistics = fit_feature_statistics(rng.normal(size=(20, width)), rng.normal(size=(10, width)), components=4).to_dict()
+    images = _images(tmp_path / "target")
+    save_checkpoint(source / "checkpoints" / "best.ckpt", loaded.model, loaded.config, CLASSES, loaded.preprocessing,
+                    temperature=1.5, feature_statistics=statistics)
+    adapt_run(source, [images], tmp_path / "adapted", method="adabn", batch_size=3)
+    assert "feature_statistics" in load_checkpoint(source).extras
+    assert "feature_statistics" not in load_checkpoint(tmp_path / "adapted").extras
+    rule = {"thresholds": {"mahalanobis": -3.0}, "false_rejection": 0.05}
+    save_checkpoint(source / "checkpoints" / "best.ckpt", loaded.model, loaded.config, CLASSES, loaded.preprocessing,
+                    feature_statistics=statistics, abstention=rule)
+    with pytest.raises(ConfigError, match="mahalanobis"):
+        adapt_run(source, [images], tmp_path / "adapted2", method="adabn", batch_size=3)
+    assert not (tmp_path / "adapted2").exists()
+
+
+def test_em_recovers_the_class_shares_of_a_target_set_from_calibrated_posteriors() -> None:
+    """Posteriors of a known generative model under training shares; the target set has other shares."""
+    from dermlab.training.adapt import em_class_shares
+
+    rng = np.random.default_rng(0)
+    means = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+    train, target = np.array([0.7, 0.2, 0.1]), np.array([0.2, 0.5, 0.3])
+    labels = rng.choice(3, size=6000, p=target)
+    points = means[labels] + rng.normal(size=(6000, 2))
+    likelihood = np.exp(-0.5 * ((points[:, None, :] - means[None]) ** 2).sum(-1))
+    posteriors = likelihood * train / (likelihood * train).sum(1, keepdims=True)  # exactly calibrated for train shares
+    shares, steps = em_class_shares(torch.from_numpy(posteriors), torch.from_numpy(train))
+    np.testing.assert_allclose(shares.numpy(), np.bincount(labels) / labels.size, atol=0.03)
+    assert 1 < steps < 200
+    one_step, _ = em_class_shares(torch.from_numpy(posteriors), torch.from_numpy(train), iterations=1)
+    assert np.abs(one_step.numpy() - train).max() > 0.05  # one step already moves toward the target
+
+
+def test_prior_adaptation_moves_only_the_head_bias_and_keeps_the_feature_statistics(tmp_path: Path) -> None:
+    from dermlab.evaluation.familiarity import fit_feature_statistics
+
+    source = _run(tmp_path / "run")
+    loaded = load_checkpoint(source)
+    width = loaded.model.num_features
+    rng = np.random.default_rng(0)
+    statistics = fit_feature_statistics(rng.normal(size=(20, width)), rng.normal(size=(10, width)), components=4).to_dict()
+    decision = {"tau": 1.0, "class_prior": [0.9, 0.1], "default": "argmax"}
+    save_checkpoint(source / "checkpoints" / "best.ckpt", loaded.model, loaded.config, CLASSES, loaded.preprocessing,
+                    temperature=1.5, decision=decision, feature_statistics=statistics)
+    adapt_run(source, [_images(tmp_path / "target")], tmp_path / "adapted", method="prior", batch_size=3)
+    before, after = load_checkpoint(source), load_checkpoint(tmp_path / "adapted")
+    lineage = json.loads((tmp_path / "adapted" / "lineage.json").read_text())
+    target = np.array(lineage["target_prior"])
+    expected_shift = 1.5 * np.log(target / np.array([0.9, 0.1]))
+    np.testing.assert_allclose((after.model.head.bias - before.model.head.bias).detach().numpy(), expected_shift, rtol=1e-5, atol=1e-6)
+    changed = [name for name, value in after.model.state_dict().items() if not torch.equal(value, before.model.state_dict()[name])]
+    assert changed == ["head.bias"]
+    assert "feature_statistics" in after.extras  # the features did not change
+
+
+def test_prior_adaptation_needs_the_training_class_shares(tmp_path: Path) -> None:
+    source = _run(tmp_path / "run")  # no fitted decision rule
+    with pytest.raises(ConfigError, match="training class shares"):
+        adapt_run(source, [_images(tmp_path / "target")], tmp_path / "adapted", method="prior", batch_size=3)

@@ -1,4 +1,5 @@
-"""``dermlab adapt RUN IMAGES --out RUN2``: adapt a run to unlabelled images of another clinic (AdaBN or TENT)."""
+"""``dermlab adapt RUN IMAGES --out RUN2``: adapt a run to unlabelled images of another clinic (AdaBN, TENT or
+the class mix by EM)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,19 @@ __all__ = ["register", "run"]
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "adapt",
-        help="adapt a run to unlabelled images from another clinic (adabn or tent) into a new run folder",
+        help="adapt a run to unlabelled images from another clinic (adabn, tent or prior) into a new run folder",
         description="Re-estimate the BatchNorm statistics on the given images (adabn), or minimise the "
         "entropy of the predictions over them by training only the BatchNorm affine parameters, then "
-        "re-estimate the statistics (tent). No label is read: class sub-folders are only folders. RUN2 is an "
+        "re-estimate the statistics (tent), or estimate the images' class mix by EM from the run's calibrated "
+        "probabilities and shift the head's bias to it (prior: for a clinic that sees, say, more melanomas). "
+        "No label is read: class sub-folders are only folders. RUN2 is an "
         "ordinary run folder (evaluate, predict, serve and export use it) whose lineage.json and checkpoint say "
         "what it was adapted on; the source's temperature, abstention and decision rules are kept.",
     )
     parser.add_argument("run", metavar="RUN", help="run folder or checkpoint to adapt")
     parser.add_argument("images", nargs="+", metavar="IMAGES", help="image files or folders (searched recursively)")
     parser.add_argument("--out", required=True, metavar="RUN2", help="the adapted run's folder (must not hold a run)")
-    parser.add_argument("--method", default="adabn", help="adabn (default) or tent")
+    parser.add_argument("--method", default="adabn", help="adabn (default), tent or prior")
     parser.add_argument("--epochs", type=int, default=1, help="tent: passes over the images (default 1)")
     parser.add_argument("--lr", type=float, default=1e-3, help="tent: Adam learning rate (default 1e-3)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")

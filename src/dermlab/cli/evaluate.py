@@ -103,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
     )
     if metrics.get("present_classes"):
         print(present_classes_line(metrics["present_classes"]))
+    if metrics.get("familiarity"):
+        from dermlab.evaluation.familiarity import ShiftVerdict
+
+        print(ShiftVerdict(**metrics["familiarity"]).describe())
     print(f"wrote {out / 'metrics.json'} and {out / 'predictions.csv'}")
     return 0
 

@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--engine", choices=["torch", "onnx"], default="torch", help="inference engine (default torch)")
     parser.add_argument(
         "--adapt", metavar="METHOD",
-        help="first adapt the model to these very images, without labels: adabn or tent (see dermlab adapt, which "
+        help="first adapt the model to these very images, without labels: adabn, tent or prior (see dermlab adapt, which "
         "keeps the adapted run); for this prediction only, torch engine",
     )
     parser.set_defaults(handler=run)
@@ -122,7 +122,20 @@ def run(args: argparse.Namespace) -> int:
         note += "; metadata " + _metadata_counts(table["metadata"], args.metadata)
     rules = " (predicted_argmax and predicted_balanced give both rules)" if "predicted_balanced" in table else ""
     print(f"wrote {out} ({count}{note}; model {predictor.model_id}, {predictor.engine}; column predicted: {predictor.decision_rule} rule{rules})")
+    _print_familiarity(predictor, results)
     return 0
+
+
+def _print_familiarity(predictor: Any, results: list) -> None:
+    """The dataset-level shift verdict of the predicted images (a model with feature statistics, 2+ images)."""
+    if predictor.statistics is None:
+        print("note: this model has no feature statistics (trained before they existed, or without a train and val "
+              "split): no check of how familiar these images are", file=sys.stderr)
+        return
+    if len(results) >= 2:
+        import numpy as np
+
+        print(predictor.statistics.shift(np.stack([result.features for result in results])).describe(), file=sys.stderr)
 
 
 def _read_metadata(args: argparse.Namespace, predictor: Any) -> Any:
@@ -181,7 +194,8 @@ def _predictions_table(
     ``predicted`` is the choice of ``rule``; with ``by_rule`` holding two rules (a run with a fitted logit
     adjustment), ``predicted_argmax`` and ``predicted_balanced`` give both.
 
-    With ``abstention``, an ``uncertain`` column follows (True where the checkpoint's rule abstains). With
+    With ``abstention``, an ``uncertain`` column follows (True where the checkpoint's rule abstains); with
+    feature statistics in the checkpoint, ``feature_distance`` (to the training images; typical about 1). With
     ``metadata`` (a fusion model), ``metadata`` (``used``, ``partial`` or ``missing``) and ``metadata_missing``
     (the unknown fields, ``;``-separated) say what the model was given for each image.
 
@@ -207,6 +221,8 @@ def _predictions_table(
         table[f"prob_{name}"] = probabilities[:, index]
     if abstention:
         table["uncertain"] = [bool(result.uncertain) for result in results]
+    if all(result.feature_distance is not None for result in results):
+        table["feature_distance"] = [result.feature_distance for result in results]
     if metadata:
         from dermlab.data.metadata import PatientMetadata
 

@@ -4,9 +4,13 @@ Each score maps logits to one number per image, higher meaning "more like the tr
 
 - ``max_probability``: the top softmax probability after temperature scaling (Hendrycks & Gimpel, 2017),
 - ``energy``: the negative free energy ``logsumexp(logits)`` of the raw logits (Liu et al., 2020),
-- ``max_logit``: the largest raw logit (Hendrycks et al., 2022).
+- ``max_logit``: the largest raw logit (Hendrycks et al., 2022),
+- ``mahalanobis``: minus the Mahalanobis distance of the image's pooled backbone features to the training
+  images' (:mod:`dermlab.evaluation.familiarity`; Lee et al., 2018): it sees images unlike the training set
+  even when the classifier is confident about them. It needs the features and the checkpoint's
+  ``feature_statistics``.
 
-With test-time augmentation each score is averaged over the views. A rule keeps one threshold per chosen score
+With test-time augmentation each score is averaged over the views (features: their mean over the views). A rule keeps one threshold per chosen score
 and rejects an image when any score falls below its threshold. The thresholds are set on the validation
 lesions: every score's threshold sits at the same quantile ``q``, and ``q`` is the largest for which the rule
 rejects at most the target share of them (the false-rejection rate), so several scores together still reject
@@ -25,13 +29,16 @@ import numpy as np
 import torch
 
 from dermlab.errors import CheckpointError, ConfigError, DataError
+from dermlab.evaluation.familiarity import FeatureStatistics
 from dermlab.registry import Registry
 
 __all__ = [
     "ABSTENTION_SCORES",
     "UNCERTAIN_MESSAGE",
     "AbstentionRule",
+    "ScoreInputs",
     "compute_scores",
+    "needs_features",
     "fit_abstention",
     "abstention_summary",
     "synthetic_non_lesion_images",
@@ -42,15 +49,44 @@ UNCERTAIN_MESSAGE = (
 )
 """What the web service and the page say when the rule abstains."""
 
-_ScoreFn = Callable[[torch.Tensor, float], torch.Tensor]
+@dataclass(frozen=True)
+class ScoreInputs:
+    """What a score may read: view logits ``(V, N, C)`` float64, the temperature and, for feature scores, the
+    pooled features ``(N, F)`` (averaged over the views) with the checkpoint's feature statistics."""
 
-#: Scores by name: ``score(logits (V, N, C) float64, temperature) -> (N,)``, higher = more in-distribution.
+    logits: torch.Tensor
+    temperature: float
+    features: np.ndarray | None = None
+    statistics: FeatureStatistics | None = None
+
+
+_ScoreFn = Callable[[ScoreInputs], torch.Tensor]
+
+#: Scores by name: ``score(inputs) -> (N,)``, higher = more in-distribution. A score that reads the pooled
+#: features carries ``needs_features = True`` (see :func:`needs_features`).
 ABSTENTION_SCORES: Registry[_ScoreFn] = Registry("abstention score")
 ABSTENTION_SCORES.add(
-    "max_probability", lambda logits, t: torch.softmax(logits / t, dim=-1).mean(dim=0).max(dim=-1).values
+    "max_probability", lambda s: torch.softmax(s.logits / s.temperature, dim=-1).mean(dim=0).max(dim=-1).values
 )
-ABSTENTION_SCORES.add("energy", lambda logits, t: torch.logsumexp(logits, dim=-1).mean(dim=0))
-ABSTENTION_SCORES.add("max_logit", lambda logits, t: logits.max(dim=-1).values.mean(dim=0))
+ABSTENTION_SCORES.add("energy", lambda s: torch.logsumexp(s.logits, dim=-1).mean(dim=0))
+ABSTENTION_SCORES.add("max_logit", lambda s: s.logits.max(dim=-1).values.mean(dim=0))
+
+
+@ABSTENTION_SCORES.register("mahalanobis")
+def _mahalanobis(inputs: ScoreInputs) -> torch.Tensor:
+    if inputs.features is None or inputs.statistics is None:
+        raise ConfigError("the abstention score mahalanobis needs pooled features and the checkpoint's feature statistics")
+    if len(inputs.features) != inputs.logits.shape[1]:
+        raise DataError(f"{len(inputs.features)} feature rows for {inputs.logits.shape[1]} images")
+    return torch.from_numpy(-inputs.statistics.distance(inputs.features))
+
+
+_mahalanobis.needs_features = True  # type: ignore[attr-defined]
+
+
+def needs_features(names: Sequence[str]) -> bool:
+    """Whether any of the named scores reads pooled features (a feature score)."""
+    return any(getattr(ABSTENTION_SCORES.get(name), "needs_features", False) for name in names)
 
 
 def _as_view_logits(logits: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -68,13 +104,18 @@ def _as_view_logits(logits: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 def compute_scores(
-    logits: torch.Tensor | np.ndarray, names: Sequence[str], temperature: float = 1.0
+    logits: torch.Tensor | np.ndarray,
+    names: Sequence[str],
+    temperature: float = 1.0,
+    features: np.ndarray | None = None,
+    statistics: FeatureStatistics | None = None,
 ) -> dict[str, np.ndarray]:
-    """Each named score of every image: ``{name: (N,)}``, from logits ``(V, N, C)`` or ``(N, C)``."""
+    """Each named score of every image: ``{name: (N,)}``, from logits ``(V, N, C)`` or ``(N, C)`` (and, for a
+    feature score, the pooled features ``(N, F)`` with the feature statistics)."""
     if not (np.isfinite(temperature) and temperature > 0):
         raise ConfigError(f"temperature must be a finite number > 0, got {temperature}")
-    scores = _as_view_logits(logits)
-    return {name: ABSTENTION_SCORES.get(name)(scores, float(temperature)).numpy() for name in names}
+    inputs = ScoreInputs(_as_view_logits(logits), float(temperature), features, statistics)
+    return {name: ABSTENTION_SCORES.get(name)(inputs).double().numpy() for name in names}
 
 
 @dataclass(frozen=True)
@@ -89,9 +130,16 @@ class AbstentionRule:
     quantile: float = 0.0
     fitted_on: str = "val"
     extra: dict[str, Any] = field(default_factory=dict)
+    # the checkpoint's feature statistics, for a rule with a feature score (stored beside the rule, not in it)
+    statistics: FeatureStatistics | None = field(default=None, compare=False, repr=False)
 
-    def scores(self, logits: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
-        return compute_scores(logits, list(self.thresholds), self.temperature)
+    @property
+    def needs_features(self) -> bool:
+        """Whether the rule reads pooled features (it has a feature score such as ``mahalanobis``)."""
+        return needs_features(list(self.thresholds))
+
+    def scores(self, logits: torch.Tensor | np.ndarray, features: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        return compute_scores(logits, list(self.thresholds), self.temperature, features, self.statistics)
 
     def reasons(self, scores: Mapping[str, np.ndarray]) -> list[list[str]]:
         """For each image, the scores that fell below their threshold (empty = accepted)."""
@@ -99,9 +147,9 @@ class AbstentionRule:
         count = len(next(iter(below.values()))) if below else 0
         return [[name for name, flags in below.items() if flags[i]] for i in range(count)]
 
-    def reject(self, logits: torch.Tensor | np.ndarray) -> np.ndarray:
+    def reject(self, logits: torch.Tensor | np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         """Boolean ``(N,)``: True where the rule abstains."""
-        return _rejected(self.scores(logits), self.thresholds)
+        return _rejected(self.scores(logits, features), self.thresholds)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (``weights_only=True`` can read it back)."""
@@ -117,7 +165,9 @@ class AbstentionRule:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "checkpoint") -> AbstentionRule:
+    def from_dict(
+        cls, data: Mapping[str, Any], source: str = "checkpoint", statistics: FeatureStatistics | None = None
+    ) -> AbstentionRule:
         try:
             thresholds = {str(name): float(value) for name, value in dict(data["thresholds"]).items()}
             rule = cls(
@@ -129,6 +179,7 @@ class AbstentionRule:
                 quantile=float(data.get("quantile", 0.0)),
                 fitted_on=str(data.get("fitted_on", "val")),
                 extra=dict(data.get("extra") or {}),
+                statistics=statistics,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise CheckpointError(f"{source}: damaged abstention settings ({error!r})") from None
@@ -137,6 +188,8 @@ class AbstentionRule:
                 raise CheckpointError(f"{source}: unknown abstention score {name!r}; valid: {', '.join(ABSTENTION_SCORES)}")
         if not rule.thresholds or not (np.isfinite(rule.temperature) and rule.temperature > 0):
             raise CheckpointError(f"{source}: damaged abstention settings (no thresholds or a bad temperature)")
+        if rule.needs_features and statistics is None:
+            raise CheckpointError(f"{source}: the abstention rule uses a feature score but there are no feature statistics")
         return rule
 
 
@@ -151,18 +204,21 @@ def fit_abstention(
     scores: Sequence[str] = ("max_probability", "energy"),
     temperature: float = 1.0,
     views: Sequence[str] = ("identity",),
+    features: np.ndarray | None = None,
+    statistics: FeatureStatistics | None = None,
 ) -> AbstentionRule:
     """Thresholds on validation logits ``(V, N, C)`` so the rule rejects at most ``false_rejection`` of them.
 
     With one score its threshold is the ``false_rejection`` quantile of that score. With several, each sits at
     the same quantile ``q <= false_rejection``, the largest whose union of rejections stays within the target.
+    A feature score also needs the validation images' pooled ``features`` and the ``statistics``.
     """
     if not 0.0 < false_rejection < 1.0:
         raise ConfigError(f"false_rejection must be in (0, 1), got {false_rejection}")
     if not scores:
         raise ConfigError("abstention needs at least one score")
     names = list(dict.fromkeys(scores))
-    values = compute_scores(logits, names, temperature)
+    values = compute_scores(logits, names, temperature, features, statistics)
 
     def thresholds_at(q: float) -> dict[str, float]:
         # "lower" keeps each threshold an observed value, so exactly the images strictly below it are rejected
@@ -189,6 +245,7 @@ def fit_abstention(
         temperature=float(temperature),
         views=tuple(views),
         quantile=float(low),
+        statistics=statistics if needs_features(names) else None,
     )
 
 

@@ -23,9 +23,11 @@ from dermlab.evaluation.bootstrap import bootstrap_intervals
 from dermlab.evaluation.calibration import reliability_bins
 from dermlab.evaluation.compare import data_fingerprint
 from dermlab.evaluation.decision import RULES, DecisionRule
+from dermlab.evaluation.familiarity import FeatureStatistics
 from dermlab.evaluation.inference import (
     InferenceBehaviour,
     checkpoint_abstention,
+    checkpoint_feature_statistics,
     checkpoint_temperature,
     resolve_behaviour,
 )
@@ -40,6 +42,7 @@ from dermlab.models.classifier import uses_metadata
 __all__ = [
     "predict_logits",
     "predict_view_logits",
+    "predict_view_outputs",
     "predict_image_logits",
     "predictions_frame",
     "evaluate_frame",
@@ -95,6 +98,49 @@ def predict_view_logits(
 
     Every image is decoded once; the views are taken of its preprocessed tensor, as serving does.
     """
+    return _view_logits_of_rows(loaded, frame, views, batch_size, num_workers, device, image_loader)
+
+
+@torch.inference_mode()
+def predict_view_outputs(
+    loaded: LoadedModel,
+    frame: pd.DataFrame,
+    views: Sequence[str] = ("identity",),
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | None = None,
+    image_loader: Callable[[str], Any] | None = None,
+    per_view: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``(V, N, C)`` as :func:`predict_view_logits`, and the pooled backbone features ``(N, F)`` averaged
+    over the views (``per_view``: ``(V, N, F)``), what :mod:`dermlab.evaluation.familiarity` compares with the
+    training images."""
+    from dermlab.evaluation.familiarity import capture_pooled
+
+    views = resolve_tta_views(list(views))
+    with capture_pooled(loaded.model) as pooled:
+        logits = _view_logits_of_rows(loaded, frame, views, batch_size, num_workers, device, image_loader)
+    features = view_features(pooled, len(views), int(getattr(loaded.model, "num_features", 0)))
+    return logits, features if per_view else features.mean(axis=0)
+
+
+def view_features(pooled: Sequence[torch.Tensor], views: int, width: int) -> np.ndarray:
+    """Captured pooled batches, in the order view 1..V of batch 1, then of batch 2, ...: ``(V, N, F)``."""
+    if not pooled:
+        return np.zeros((views, 0, width), dtype=np.float32)
+    batches = [torch.stack(list(pooled[start : start + views])) for start in range(0, len(pooled), views)]
+    return torch.cat(batches, dim=1).numpy()
+
+
+def _view_logits_of_rows(
+    loaded: LoadedModel,
+    frame: pd.DataFrame,
+    views: Sequence[str],
+    batch_size: int,
+    num_workers: int,
+    device: torch.device | None,
+    image_loader: Callable[[str], Any] | None,
+) -> np.ndarray:
     device = device or _device()
     views = resolve_tta_views(list(views))
     transform = create_transform("none", loaded.preprocessing, train=False)
@@ -271,7 +317,12 @@ def evaluate_frame(
     behaviour = resolve_behaviour(
         evaluation.tta, loaded.extras, str(loaded.path), tta=tta, calibrated=calibrated, abstain=abstain, rule=rule
     )
-    logits = predict_view_logits(loaded, frame, behaviour.views, batch_size=batch_size, num_workers=num_workers)
+    statistics = checkpoint_feature_statistics(loaded.extras, str(loaded.path))
+    features = None
+    if statistics is not None or behaviour.needs_features:
+        logits, features = predict_view_outputs(loaded, frame, behaviour.views, batch_size=batch_size, num_workers=num_workers)
+    else:
+        logits = predict_view_logits(loaded, frame, behaviour.views, batch_size=batch_size, num_workers=num_workers)
     return score_logits(
         logits,
         frame,
@@ -283,6 +334,8 @@ def evaluate_frame(
         views=behaviour.views,
         decision=behaviour.decision,
         rule=behaviour.rule,
+        features=features,
+        statistics=statistics,
     )
 
 
@@ -298,8 +351,14 @@ def score_logits(
     views: Sequence[str] = ("identity",),
     decision: DecisionRule | None = None,
     rule: str = "argmax",
+    features: np.ndarray | None = None,
+    statistics: FeatureStatistics | None = None,
 ) -> dict[str, Any]:
     """Score view logits ``(V, N, C)`` (or ``(N, C)``) of labelled rows (see :func:`score_predictions`).
+
+    ``features``: their pooled features ``(N, F)``, for an abstention rule with a feature score; with the
+    training images' ``statistics`` too, predictions.csv gets each image's ``feature_distance`` and the
+    metrics ``familiarity`` (:meth:`FeatureStatistics.shift`: how unlike the training images they are).
 
     The headline metrics are those of the argmax rule; with a fitted ``decision`` the metrics also hold
     ``rules`` (accuracy, balanced accuracy, macro F1 and per-class recall of each rule, with intervals) and
@@ -312,7 +371,7 @@ def score_logits(
     """
     logits = np.asarray(logits)
     behaviour = InferenceBehaviour(tuple(views), temperature, abstention, decision, rule)
-    decisions = behaviour.decide(logits)  # as predict and serve
+    decisions = behaviour.decide(logits, features)  # as predict and serve
     probabilities = decisions.probabilities
     raw = average_probabilities(logits, 1.0) if temperature != 1.0 else probabilities
     predictions = predictions_frame(frame, classes, probabilities)
@@ -339,6 +398,10 @@ def score_logits(
     if decision is not None:
         extra["decision_rule"] = rule
         extra["rules"] = rule_metrics(y_true, probabilities, classes, decision, evaluation, groups)
+    if statistics is not None and features is not None:
+        predictions["feature_distance"] = statistics.distance(features)
+        if len(features) >= 2:
+            extra["familiarity"] = statistics.shift(features).to_dict()
     if abstention is not None:
         rejected = decisions.uncertain
         predictions["uncertain"] = rejected

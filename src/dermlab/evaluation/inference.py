@@ -19,10 +19,12 @@ import torch
 
 from dermlab.errors import CheckpointError
 from dermlab.evaluation.abstention import AbstentionRule
+from dermlab.evaluation.familiarity import FeatureStatistics
 from dermlab.evaluation.decision import RULES, DecisionRule, checkpoint_decision
 from dermlab.evaluation.tta import average_probabilities, resolve_tta_views
 
-__all__ = ["InferenceBehaviour", "Decisions", "resolve_behaviour", "checkpoint_temperature", "checkpoint_abstention"]
+__all__ = ["InferenceBehaviour", "Decisions", "resolve_behaviour", "checkpoint_temperature", "checkpoint_abstention",
+           "checkpoint_feature_statistics"]
 
 TtaSetting = bool | str | Sequence[str] | None
 
@@ -58,12 +60,18 @@ class InferenceBehaviour:
         """``mean over views of softmax(logits / temperature)`` of view logits ``(V, N, C)`` (or ``(N, C)``)."""
         return average_probabilities(logits, self.temperature)
 
-    def decide(self, logits: torch.Tensor | np.ndarray) -> Decisions:
-        """The decision rule: probabilities, argmax, and "uncertain" where the abstention rule rejects."""
+    @property
+    def needs_features(self) -> bool:
+        """Whether :meth:`decide` needs the pooled features (the abstention rule has a feature score)."""
+        return self.abstention is not None and self.abstention.needs_features
+
+    def decide(self, logits: torch.Tensor | np.ndarray, features: np.ndarray | None = None) -> Decisions:
+        """The decision rule: probabilities, argmax, and "uncertain" where the abstention rule rejects
+        (``features``: the images' pooled features ``(N, F)``, when :attr:`needs_features`)."""
         probabilities = self.probabilities(logits)
         count = probabilities.shape[0]
         if self.abstention is not None and count:
-            scores = self.abstention.scores(logits)
+            scores = self.abstention.scores(logits, features)
             reasons = self.abstention.reasons(scores)
         else:
             scores, reasons = {}, [[] for _ in range(count)]
@@ -147,6 +155,17 @@ def checkpoint_temperature(extras: Mapping[str, Any], source: str) -> float:
 
 
 def checkpoint_abstention(extras: Mapping[str, Any], source: str) -> AbstentionRule | None:
-    """The ``abstention`` rule of a checkpoint's extras, or None."""
+    """The ``abstention`` rule of a checkpoint's extras (with its ``feature_statistics``), or None."""
     value = extras.get("abstention")
-    return AbstentionRule.from_dict(value, source) if value else None
+    return AbstentionRule.from_dict(value, source, checkpoint_feature_statistics(extras, source)) if value else None
+
+
+def checkpoint_feature_statistics(extras: Mapping[str, Any], source: str) -> FeatureStatistics | None:
+    """The training images' pooled-feature statistics of a checkpoint's extras, or None (fitted after training
+    when ``evaluation.feature_statistics`` is on; see :mod:`dermlab.evaluation.familiarity`)."""
+    value = extras.get("feature_statistics")
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise CheckpointError(f"{source}: damaged feature statistics (not a mapping)")
+    return FeatureStatistics.from_dict(value, source)

@@ -15,17 +15,22 @@ import numpy as np
 import pandas as pd
 
 from dermlab.data.splits import split_rows
-from dermlab.evaluation.abstention import AbstentionRule, fit_abstention, synthetic_non_lesion_images
+from dermlab.errors import ConfigError
+from dermlab.evaluation.abstention import AbstentionRule, fit_abstention, needs_features, synthetic_non_lesion_images
 from dermlab.evaluation.bootstrap import sensitivity_key
 from dermlab.evaluation.decision import DecisionRule, checkpoint_decision, fit_tau
 from dermlab.evaluation.evaluate import (
     _nll,
     predict_image_logits,
     predict_view_logits,
+    predict_view_outputs,
     resolve_abstention,
     resolve_temperature,
     score_logits,
+    view_features,
 )
+from dermlab.evaluation.familiarity import capture_pooled, fit_feature_statistics, has_one_backbone
+from dermlab.evaluation.inference import checkpoint_feature_statistics
 from dermlab.evaluation.model_card import write_model_card
 from dermlab.evaluation.plots import plot_training_curves
 from dermlab.evaluation.report import write_report
@@ -56,15 +61,27 @@ def summarise_run(
     evaluation = loaded.config.evaluation
     rows = {split: split_rows(frame, split) for split in splits}
     rows = {split: part for split, part in rows.items() if len(part) > 0}
+    train = split_rows(frame, "train")
+    with_features = bool(evaluation.feature_statistics) and "val" in rows and len(train) >= 3 and has_one_backbone(loaded.model)
     logits: dict[str, np.ndarray] = {}
+    features: dict[str, np.ndarray] = {}
     views, tta_facts = resolve_tta_views(evaluation.tta), {}
     if "val" in rows and evaluation.tta_candidates:
-        views, logits["val"], tta_facts = _choose_tta_on_val(loaded, rows["val"], batch_size, num_workers)
+        views, logits["val"], tta_facts, val_features = _choose_tta_on_val(
+            loaded, rows["val"], batch_size, num_workers, with_features=with_features
+        )
+        if val_features is not None:
+            features["val"] = val_features
     for split, part in rows.items():
-        if split not in logits:
+        if split in logits:
+            continue
+        if with_features:
+            logits[split], features[split] = predict_view_outputs(loaded, part, views, batch_size=batch_size, num_workers=num_workers)
+        else:
             logits[split] = predict_view_logits(loaded, part, views, batch_size=batch_size, num_workers=num_workers)
+    familiarity = _fit_feature_statistics(loaded, train, features, batch_size, num_workers) if with_features else {}
     prior = _train_prior(frame, loaded.classes)
-    facts = _fit_on_val(loaded, rows.get("val"), logits.get("val"), views, prior, tta_facts)
+    facts = _fit_on_val(loaded, rows.get("val"), logits.get("val"), views, prior, tta_facts, features.get("val"))
     rule = resolve_abstention(loaded)
     decision = checkpoint_decision(loaded.extras, str(loaded.path))
     summary: dict[str, Any] = {}
@@ -80,8 +97,12 @@ def summarise_run(
             views=views,
             decision=decision,
             rule=decision.default if decision is not None else "argmax",
+            features=features.get(split),
+            statistics=checkpoint_feature_statistics(loaded.extras, str(loaded.path)),
         )
     summary.update(facts)
+    if familiarity:
+        summary["familiarity"] = familiarity
     if rule is not None:
         summary["ood_rejection"] = _non_lesion_rejection(loaded, rule, views, batch_size)
     summary.update(extras or {})
@@ -203,10 +224,11 @@ def _with_interval(value: Any, interval: Any) -> str:
 
 
 def _choose_tta_on_val(
-    loaded: LoadedModel, val: pd.DataFrame, batch_size: int, num_workers: int
-) -> tuple[tuple[str, ...], np.ndarray, dict[str, Any]]:
+    loaded: LoadedModel, val: pd.DataFrame, batch_size: int, num_workers: int, *, with_features: bool = False
+) -> tuple[tuple[str, ...], np.ndarray, dict[str, Any], np.ndarray | None]:
     """The candidate view set of ``evaluation.tta_candidates`` with the lowest val log-loss (each with its own
-    fitted temperature), its val logits, and the facts (every candidate's log-loss).
+    fitted temperature), its val logits, the facts (every candidate's log-loss) and, ``with_features``, the val
+    images' pooled features averaged over the chosen views (else None).
 
     The union of the candidates' views is run once; a log-loss, not accuracy, decides, as it is smooth and
     proper (a count of a few hundred images changes by one image at a time). Ties go to the fewer views.
@@ -215,7 +237,12 @@ def _choose_tta_on_val(
     y_val = val["label"].map(index).to_numpy(dtype=np.int64)
     candidates = [resolve_tta_views(candidate) for candidate in loaded.config.evaluation.tta_candidates]
     union = tuple(dict.fromkeys(view for candidate in candidates for view in candidate))
-    all_logits = predict_view_logits(loaded, val, union, batch_size=batch_size, num_workers=num_workers)
+    if with_features:
+        all_logits, all_features = predict_view_outputs(
+            loaded, val, union, batch_size=batch_size, num_workers=num_workers, per_view=True
+        )
+    else:
+        all_logits, all_features = predict_view_logits(loaded, val, union, batch_size=batch_size, num_workers=num_workers), None
     scores = {}
     for candidate in candidates:
         picked = all_logits[[union.index(view) for view in candidate]]
@@ -224,7 +251,23 @@ def _choose_tta_on_val(
     best = min(scores, key=lambda key: (round(scores[key], 6), len(key.split(","))))
     views = tuple(best.split(","))
     log.info("TTA views chosen on val: %s (val log-loss %s)", best, {k: round(v, 4) for k, v in scores.items()})
-    return views, all_logits[[union.index(view) for view in views]], {"views": list(views), "val_log_loss": scores}
+    chosen = [union.index(view) for view in views]
+    val_features = all_features[chosen].mean(axis=0) if all_features is not None else None
+    return views, all_logits[chosen], {"views": list(views), "val_log_loss": scores}, val_features
+
+
+def _fit_feature_statistics(
+    loaded: LoadedModel, train: pd.DataFrame, features: dict[str, np.ndarray], batch_size: int, num_workers: int
+) -> dict[str, Any]:
+    """Fit the pooled-feature statistics on the train split (identity view), references on val (the run's
+    views), store them in the checkpoint (``feature_statistics``), return the per-split familiarity facts."""
+    _, train_features = predict_view_outputs(loaded, train, ("identity",), batch_size=batch_size, num_workers=num_workers)
+    statistics = fit_feature_statistics(train_features, features["val"], loaded.config.evaluation.feature_components)
+    update_checkpoint_metadata(loaded.path, feature_statistics=statistics.to_dict())
+    loaded.extras["feature_statistics"] = statistics.to_dict()
+    log.info("feature statistics fitted on %d training images (%d axes)", statistics.images, statistics.eigenvalues.numel())
+    return {"train_images": statistics.images, "axes": int(statistics.eigenvalues.numel()),
+            "unusual_distance": statistics.unusual_distance, "reference_shift_score": statistics.reference_shift_score}
 
 
 def _train_prior(frame: pd.DataFrame, classes: list[str]) -> list[float] | None:
@@ -243,6 +286,7 @@ def _fit_on_val(
     views: tuple[str, ...],
     prior: list[float] | None = None,
     tta_facts: dict[str, Any] | None = None,
+    features: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Fit the temperature, the abstention rule and the balanced rule's tau (``evaluation.logit_adjustment``,
     with the training ``prior``) on val, store them in the checkpoint with the chosen TTA views, return the facts.
@@ -261,8 +305,13 @@ def _fit_on_val(
     calibration = {"temperature": temperature, "fitted": fitted, "fitted_on": "val", "views": list(views), "n": int(y_val.size)}
     rule: AbstentionRule | None = None
     if evaluation.abstain_false_rejection > 0:
+        statistics = checkpoint_feature_statistics(loaded.extras, str(loaded.path)) if needs_features(evaluation.abstain_scores) else None
+        if needs_features(evaluation.abstain_scores) and (statistics is None or features is None):
+            raise ConfigError("evaluation.abstain_scores has mahalanobis, but no feature statistics could be fitted "
+                              "(they need one backbone, not an ensemble, a train split of at least 3 images and a val split)")
         rule = fit_abstention(
-            logits, evaluation.abstain_false_rejection, evaluation.abstain_scores, temperature=temperature, views=views
+            logits, evaluation.abstain_false_rejection, evaluation.abstain_scores, temperature=temperature, views=views,
+            features=features, statistics=statistics,
         )
     entries: dict[str, Any] = {"abstention": rule.to_dict() if rule is not None else None}
     if fitted:
@@ -297,6 +346,11 @@ def _non_lesion_rejection(
     height, width = loaded.preprocessing.input_size
     shares = {}
     for kind, images in synthetic_non_lesion_images((width, height), per_kind=8, seed=0).items():
-        logits = predict_image_logits(loaded, images, views, batch_size=batch_size)
-        shares[kind] = float(rule.reject(logits).mean())
+        if rule.needs_features:
+            with capture_pooled(loaded.model) as pooled:
+                logits = predict_image_logits(loaded, images, views, batch_size=batch_size)
+            features = view_features(pooled, len(views), loaded.model.num_features).mean(axis=0)
+            shares[kind] = float(rule.reject(logits, features).mean())
+        else:
+            shares[kind] = float(rule.reject(predict_image_logits(loaded, images, views, batch_size=batch_size)).mean())
     return shares

@@ -199,9 +199,12 @@ def _prediction_answer(predictor: Any, image: Image.Image, record: PatientMetada
     """``/predict``'s answer: probabilities, the class of each decision rule, abstention and the disclaimer."""
     abstaining = getattr(predictor, "predict_with_abstention", None)
     rows = [record] if takes_metadata else None
+    distance = None
     if abstaining is not None:
         result = abstaining([image], rows) if rows is not None else abstaining([image])
         probabilities, uncertain, reasons = result.probabilities[0], bool(result.uncertain[0]), result.reasons[0]
+        if getattr(result, "feature_distance", None) is not None:
+            distance = float(result.feature_distance[0])
     else:  # a predictor without abstention support
         probabilities, uncertain, reasons = predictor.predict_images([image])[0], False, []
     by_rule = _classes_by_rule(predictor, probabilities)
@@ -216,6 +219,7 @@ def _prediction_answer(predictor: Any, image: Image.Image, record: PatientMetada
         "uncertain": uncertain,
         "message": UNCERTAIN_MESSAGE if uncertain else None,
         "uncertain_reasons": reasons,
+        "feature_distance": distance,  # to the training images' features (typical: about 1); None without statistics
         "metadata": _metadata_answer(record) if takes_metadata else None,
         "model_id": predictor.model_id,
         "disclaimer": DISCLAIMER,

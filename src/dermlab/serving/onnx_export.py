@@ -5,11 +5,17 @@ model takes a second input ``metadata`` ``(N, METADATA_WIDTH)``, the encoded age
 layout is in the metadata, ``metadata_input``). Resizing, normalisation and the metadata encoding stay outside
 the graph, done by :class:`dermlab.serving.predictor.OnnxPredictor` exactly as for torch. The run's TTA views,
 temperature and abstention rule are stored in the metadata, not folded into the graph, so the ONNX engine
-behaves as the checkpoint does.
+behaves as the checkpoint does. A checkpoint with feature statistics (:mod:`dermlab.evaluation.familiarity`)
+exports a second output, ``features`` (the pooled backbone features ``(N, F)``), and the statistics as a
+second metadata entry, ``dermlab_feature_statistics`` (a base64 ``.npz``): the ONNX engine then gives the same
+familiarity warning and the same ``mahalanobis`` abstention score as torch.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
 import logging
 import warnings
@@ -31,12 +37,14 @@ from dermlab.io import atomic_save, atomic_write_json
 from dermlab.models.checkpoint import LoadedModel
 from dermlab.models.classifier import uses_metadata
 
-__all__ = ["DEFAULT_OPSET", "export_onnx", "onnx_metadata"]
+__all__ = ["DEFAULT_OPSET", "FEATURE_STATISTICS_KEY", "decode_feature_statistics", "encode_feature_statistics",
+           "export_onnx", "onnx_metadata"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
-_PARITY_TOLERANCE = 1e-3  # max |logit difference| accepted between torch and onnxruntime after export
+FEATURE_STATISTICS_KEY = "dermlab_feature_statistics"
+_PARITY_TOLERANCE = 1e-3  # max |logit (and feature) difference| accepted between torch and onnxruntime after export
 
 
 def onnx_metadata(loaded: LoadedModel) -> dict[str, Any]:
@@ -57,6 +65,10 @@ def onnx_metadata(loaded: LoadedModel) -> dict[str, Any]:
         "decision": loaded.extras.get("decision"),
         "temperature": loaded.extras.get("temperature"),
         "abstention": loaded.extras.get("abstention"),
+        "features_output": (
+            {"name": "features", "statistics": f"metadata_props[{FEATURE_STATISTICS_KEY!r}], base64 npz"}
+            if _has_feature_statistics(loaded) else None
+        ),
         "source_checkpoint": str(loaded.path),
         "disclaimer": "research tool, not a medical device",
     }
@@ -76,7 +88,10 @@ def export_onnx(
     import onnx
 
     out = Path(out)
-    model = loaded.model.eval().cpu()
+    model: torch.nn.Module = loaded.model.eval().cpu()
+    with_features = _has_feature_statistics(loaded)
+    if with_features:
+        model = _LogitsAndFeatures(model).eval()  # a new module starts in training mode, which export restores
     height, width = loaded.preprocessing.input_size
     dummy: tuple[torch.Tensor, ...] = (torch.randn(2, 3, height, width),)
     if uses_metadata(model):  # one image with its metadata known, one with all of it unknown
@@ -84,11 +99,14 @@ def export_onnx(
     metadata = onnx_metadata(loaded)
 
     def write(tmp: Path) -> None:
-        _torch_export(model, dummy, tmp, opset)
+        _torch_export(model, dummy, tmp, opset, ["logits", "features"] if with_features else ["logits"])
         proto = onnx.load(str(tmp))
         del proto.metadata_props[:]
         entry = proto.metadata_props.add()
         entry.key, entry.value = "dermlab", json.dumps(metadata)
+        if with_features:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = FEATURE_STATISTICS_KEY, encode_feature_statistics(loaded.extras["feature_statistics"])
         proto.doc_string = f"dermlab {metadata['model_id']}: research tool, not a medical device"
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
@@ -111,13 +129,49 @@ def _metadata_input() -> dict[str, Any]:
     }
 
 
-def _torch_export(model: torch.nn.Module, dummy: tuple[torch.Tensor, ...], path: Path, opset: int) -> None:
+class _LogitsAndFeatures(torch.nn.Module):
+    """The classifier with its pooled features as a second output (for the familiarity statistics)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, metadata: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.model.forward_features(x)
+        logits = self.model.forward_head(pooled) if metadata is None else self.model.forward_head(pooled, metadata)
+        return logits, pooled
+
+
+def _has_feature_statistics(loaded: LoadedModel) -> bool:
+    return loaded.extras.get("feature_statistics") is not None
+
+
+def encode_feature_statistics(statistics: dict[str, Any]) -> str:
+    """A checkpoint's ``feature_statistics`` entry as base64 text of an ``.npz`` (no pickles)."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{key: np.asarray(value.numpy() if hasattr(value, "numpy") else value) for key, value in statistics.items()})
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_feature_statistics(text: str, source: str) -> dict[str, Any]:
+    """The inverse of :func:`encode_feature_statistics`; damaged text raises a CheckpointError naming ``source``."""
+    try:
+        with np.load(io.BytesIO(base64.b64decode(text.encode("ascii"), validate=True)), allow_pickle=False) as arrays:
+            return {key: torch.from_numpy(arrays[key].copy()) if arrays[key].ndim else arrays[key].item() for key in arrays.files}
+    except (ValueError, OSError, binascii.Error) as error:
+        raise CheckpointError(f"{source}: damaged feature statistics in the ONNX metadata ({error})") from None
+
+
+def _torch_export(
+    model: torch.nn.Module, dummy: tuple[torch.Tensor, ...], path: Path, opset: int, outputs: list[str] | None = None
+) -> None:
     names = ["input", "metadata"][: len(dummy)]
+    outputs = outputs or ["logits"]
     options: dict[str, Any] = {
         "input_names": names,
-        "output_names": ["logits"],
+        "output_names": outputs,
         "opset_version": opset,
-        "dynamic_axes": {**{name: {0: "batch"} for name in names}, "logits": {0: "batch"}},
+        "dynamic_axes": {**{name: {0: "batch"} for name in names}, **{name: {0: "batch"} for name in outputs}},
     }
     try:
         with warnings.catch_warnings():
@@ -135,7 +189,7 @@ def _torch_export(model: torch.nn.Module, dummy: tuple[torch.Tensor, ...], path:
             str(path),
             dynamo=True,
             input_names=names,
-            output_names=["logits"],
+            output_names=outputs,
             opset_version=opset,
             dynamic_shapes={"x": {0: batch}, "metadata": {0: batch}} if len(dummy) > 1 else {"x": {0: batch}},
             external_data=False,
@@ -154,13 +208,16 @@ def _check_parity(model: torch.nn.Module, path: Path, dummy: tuple[torch.Tensor,
     inputs = [item.name for item in session.get_inputs()]
     if len(inputs) != len(dummy):
         raise CheckpointError(f"ONNX export has inputs {inputs}, expected {len(dummy)} (images and metadata)")
-    (onnx_logits,) = session.run(None, {name: tensor.numpy() for name, tensor in zip(inputs, dummy)})
+    onnx_outputs = session.run(None, {name: tensor.numpy() for name, tensor in zip(inputs, dummy)})
     with torch.inference_mode():
-        torch_logits = model(*dummy).float().numpy()
-    difference = float(np.max(np.abs(onnx_logits - torch_logits)))
+        torch_outputs = model(*dummy)
+    torch_outputs = torch_outputs if isinstance(torch_outputs, tuple) else (torch_outputs,)
+    if len(onnx_outputs) != len(torch_outputs):
+        raise CheckpointError(f"ONNX export has {len(onnx_outputs)} outputs, expected {len(torch_outputs)}")
+    difference = max(float(np.max(np.abs(o - t.float().numpy()))) for o, t in zip(onnx_outputs, torch_outputs))
     if not difference <= _PARITY_TOLERANCE:
         raise CheckpointError(
-            f"ONNX export differs from the torch model (max |logit difference| {difference:.2e} > {_PARITY_TOLERANCE})"
+            f"ONNX export differs from the torch model (max |output difference| {difference:.2e} > {_PARITY_TOLERANCE})"
         )
 
 

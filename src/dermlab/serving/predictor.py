@@ -33,7 +33,8 @@ from dermlab.data.preprocessing import Preprocessing
 from dermlab.data.transforms import create_transform
 from dermlab.errors import CheckpointError, ConfigError, DataError
 from dermlab.evaluation.abstention import AbstentionRule
-from dermlab.evaluation.inference import InferenceBehaviour, resolve_behaviour
+from dermlab.evaluation.familiarity import FeatureStatistics
+from dermlab.evaluation.inference import InferenceBehaviour, checkpoint_feature_statistics, resolve_behaviour
 from dermlab.evaluation.tta import DEFAULT_TTA_VIEWS, TTA_VIEWS, view_logits
 from dermlab.models.checkpoint import LoadedModel, run_folder_of
 from dermlab.models.classifier import uses_metadata
@@ -75,6 +76,8 @@ class PathPrediction:
     uncertain: bool = False
     reasons: tuple[str, ...] = ()
     metadata: PatientMetadata | None = None
+    features: np.ndarray | None = None  # pooled features (F,), when the predictor has feature statistics
+    feature_distance: float | None = None  # their Mahalanobis distance to the training images (typical: about 1)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,8 @@ class AbstainingPrediction:
     uncertain: np.ndarray
     reasons: list[list[str]]
     scores: dict[str, np.ndarray]
+    features: np.ndarray | None = None  # (N, F) pooled features averaged over the views, when computed
+    feature_distance: np.ndarray | None = None  # (N,), with the predictor's feature statistics
 
 
 class Predictor:
@@ -126,6 +131,7 @@ class Predictor:
             behaviour=behaviour,
             batch_size=batch_size,
             takes_metadata=uses_metadata(loaded.model),
+            statistics=checkpoint_feature_statistics(loaded.extras, str(loaded.path)),
         )
 
     def _setup(
@@ -137,6 +143,7 @@ class Predictor:
         behaviour: InferenceBehaviour,
         batch_size: int,
         takes_metadata: bool = False,
+        statistics: FeatureStatistics | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -146,6 +153,7 @@ class Predictor:
         self.behaviour = behaviour
         self.batch_size = batch_size
         self.takes_metadata = takes_metadata
+        self.statistics = statistics  # the training images' feature statistics (familiarity), or None
         self._transform = create_transform("none", preprocessing, train=False)
         self._lock = threading.Lock()
 
@@ -218,6 +226,18 @@ class Predictor:
             inputs = (batch.to(self._device),) if metadata is None else (batch.to(self._device), metadata.to(self._device))
             return self._model(*inputs).float().cpu()
 
+    def _logits_and_features(self, batch: torch.Tensor, metadata: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and pooled backbone features ``(N, F)`` of a preprocessed batch. Called with the lock held."""
+        with torch.inference_mode():
+            pooled = self._model.forward_features(batch.to(self._device))
+            head = (pooled,) if metadata is None else (pooled, metadata.to(self._device))
+            return self._model.forward_head(*head).float().cpu(), pooled.float().cpu()
+
+    @property
+    def computes_features(self) -> bool:
+        """Whether predictions carry pooled features: for the feature statistics or a feature abstention score."""
+        return self.statistics is not None or self.behaviour.needs_features
+
     def _encode_metadata(self, metadata: MetadataRows, count: int) -> torch.Tensor | None:
         """The metadata tensor for a fusion model (all unknown without ``metadata``); None for an image-only one."""
         if not self.takes_metadata:
@@ -246,6 +266,20 @@ class Predictor:
 
         return view_logits(forward, batch, self.tta_views)
 
+    def tta_outputs(self, batch: torch.Tensor, metadata: MetadataRows = None) -> tuple[torch.Tensor, np.ndarray]:
+        """Raw logits ``(V, N, C)`` and the pooled features ``(N, F)`` averaged over the views."""
+        encoded = self._encode_metadata(metadata, batch.shape[0])
+        pooled: list[torch.Tensor] = []
+
+        def forward(view: torch.Tensor) -> torch.Tensor:
+            with self._lock:
+                logits, features = self._logits_and_features(view, encoded)
+            pooled.append(features)
+            return logits
+
+        logits = view_logits(forward, batch, self.tta_views)
+        return logits, torch.stack(pooled).mean(dim=0).numpy()
+
     def predict_tensor(self, batch: torch.Tensor, metadata: MetadataRows = None) -> np.ndarray:
         """Probabilities ``(N, C)`` of a preprocessed batch: TTA views averaged, temperature applied."""
         return self.behaviour.probabilities(self.tta_logits(batch, metadata)).astype(np.float32)
@@ -255,25 +289,34 @@ class Predictor:
 
         ``metadata``: one :class:`PatientMetadata` (or ``None``) per image, for a metadata-fusion model.
         """
-        probabilities, uncertain, reasons, scores = [], [], [], []
+        probabilities, uncertain, reasons, scores, pooled = [], [], [], [], []
         rows = list(metadata) if metadata is not None else None
         if rows is not None and len(rows) != len(images):
             raise ConfigError(f"{len(rows)} metadata rows for {len(images)} images")
         for start in range(0, len(images), self.batch_size):
             chunk = rows[start : start + self.batch_size] if rows is not None else None
-            logits = self.tta_logits(self.preprocess(images[start : start + self.batch_size]), chunk)
-            decisions = self.behaviour.decide(logits)
+            batch = self.preprocess(images[start : start + self.batch_size])
+            features = None
+            if self.computes_features:
+                logits, features = self.tta_outputs(batch, chunk)
+                pooled.append(features)
+            else:
+                logits = self.tta_logits(batch, chunk)
+            decisions = self.behaviour.decide(logits, features)
             probabilities.append(decisions.probabilities.astype(np.float32))
             reasons.extend(decisions.reasons)
             uncertain.extend(decisions.uncertain.tolist())
             if decisions.scores:
                 scores.append(decisions.scores)
         names = list(self.abstention.thresholds) if self.abstention is not None else []
+        features = np.concatenate(pooled) if pooled else None
         return AbstainingPrediction(
             probabilities=np.concatenate(probabilities) if probabilities else np.zeros((0, len(self.classes)), np.float32),
             uncertain=np.asarray(uncertain, dtype=bool),
             reasons=reasons,
             scores={name: np.concatenate([chunk[name] for chunk in scores]) for name in names} if scores else {},
+            features=features,
+            feature_distance=self.statistics.distance(features) if features is not None and self.statistics is not None else None,
         )
 
     def predict_images(self, images: Sequence[Image.Image], metadata: MetadataRows = None) -> np.ndarray:
@@ -314,10 +357,12 @@ class Predictor:
     ) -> Iterator[PathPrediction]:
         rows = [metadata.get(path.stem) if metadata is not None else None for path, _ in pending]
         result = self.predict_with_abstention([image for _, image in pending], rows if metadata is not None else None)
-        for (path, _), given, row, uncertain, reasons in zip(
-            pending, rows, result.probabilities, result.uncertain, result.reasons
+        for index, ((path, _), given, row, uncertain, reasons) in enumerate(
+            zip(pending, rows, result.probabilities, result.uncertain, result.reasons)
         ):
-            yield PathPrediction(path, row, bool(uncertain), tuple(reasons), given)
+            features = result.features[index] if result.features is not None else None
+            distance = float(result.feature_distance[index]) if result.feature_distance is not None else None
+            yield PathPrediction(path, row, bool(uncertain), tuple(reasons), given, features, distance)
 
     # ------------------------------------------------------------------------------------------- explanation
 
@@ -411,6 +456,11 @@ class OnnxPredictor(Predictor):
             reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise CheckpointError(f"{self.path}: not a loadable ONNX model ({reason})") from None
         metadata = self._read_metadata()
+        outputs = [item.name for item in self._session.get_outputs()]
+        entry = metadata.get("features_output")
+        self._features_output = entry.get("name") if isinstance(entry, dict) else None
+        if self._features_output is not None and self._features_output not in outputs:
+            raise CheckpointError(f"{self.path}: the metadata names output {self._features_output!r}, the graph has {outputs}")
         inputs = [item.name for item in self._session.get_inputs()]
         self._input_name = inputs[0]
         entry = metadata.get("metadata_input")
@@ -433,6 +483,7 @@ class OnnxPredictor(Predictor):
             behaviour=behaviour,
             batch_size=batch_size,
             takes_metadata=self._metadata_input is not None,
+            statistics=checkpoint_feature_statistics(metadata, str(self.path)),
         )
 
     def _read_metadata(self) -> dict[str, Any]:
@@ -445,6 +496,10 @@ class OnnxPredictor(Predictor):
             raise CheckpointError(f"{self.path}: damaged dermlab metadata ({error})") from None
         if not isinstance(metadata, dict):
             raise CheckpointError(f"{self.path}: damaged dermlab metadata (not a JSON object)")
+        from dermlab.serving.onnx_export import FEATURE_STATISTICS_KEY, decode_feature_statistics
+
+        if FEATURE_STATISTICS_KEY in props:  # the training images' feature statistics, beside the JSON
+            metadata["feature_statistics"] = decode_feature_statistics(props[FEATURE_STATISTICS_KEY], str(self.path))
         return metadata
 
     @property
@@ -455,8 +510,17 @@ class OnnxPredictor(Predictor):
         feeds = {self._input_name: np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)}
         if self._metadata_input is not None and metadata is not None:
             feeds[self._metadata_input] = np.ascontiguousarray(metadata.detach().cpu().numpy(), dtype=np.float32)
-        (logits,) = self._session.run(None, feeds)
+        logits = self._session.run(None, feeds)[0]
         return torch.from_numpy(np.asarray(logits, dtype=np.float32))
+
+    def _logits_and_features(self, batch: torch.Tensor, metadata: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._features_output is None:
+            raise CheckpointError(f"{self.path}: this ONNX export has no features output (exported without feature statistics)")
+        feeds = {self._input_name: np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)}
+        if self._metadata_input is not None and metadata is not None:
+            feeds[self._metadata_input] = np.ascontiguousarray(metadata.detach().cpu().numpy(), dtype=np.float32)
+        logits, features = self._session.run(["logits", self._features_output], feeds)
+        return torch.from_numpy(np.asarray(logits, dtype=np.float32)), torch.from_numpy(np.asarray(features, dtype=np.float32))
 
     def explain(self, image: Image.Image, target: str | int | None = None, method: str = "gradcam") -> bytes:
         raise ConfigError("Grad-CAM needs the torch engine; serve or explain the checkpoint, not the ONNX export")

@@ -7,10 +7,15 @@ Methods (:data:`ADAPTATION_METHODS`):
 - ``tent`` (Wang et al. 2021): a few epochs of entropy minimisation of the softmax over the target images,
   updating only the BatchNorm affine parameters (normalising with each batch's statistics, as TENT does); then
   the running statistics are re-estimated as in ``adabn``, so the adapted model answers one image at a time.
+- ``prior`` (Saerens et al. 2002): for a change of the class mix (another clinic sees more melanomas), the
+  target's class shares are estimated by EM from the run's calibrated probabilities (its TTA views and
+  temperature) and the head's bias moves by ``temperature * log(target share / training share)``; the network's
+  features, and so its feature statistics and rankings within a pair of classes, do not change.
 
 The result is an ordinary run folder: ``config.yaml``, ``classes.json`` and ``splits.csv`` of the source run,
 ``checkpoints/best.ckpt`` with the adapted weights and the source's temperature, abstention, decision rule and
-TTA views, and ``lineage.json`` (source run, method, how many target images, their digest). Labels are never
+TTA views (after ``adabn`` or ``tent`` not its feature statistics, which describe the source network's features:
+the adapted run gives no familiarity warning, and a run whose abstention rule uses ``mahalanobis`` is refused), and ``lineage.json`` (source run, method, how many target images, their digest). Labels are never
 read: a folder of class sub-folders is just a folder of images here.
 """
 
@@ -30,11 +35,13 @@ from torch.utils.data import DataLoader, Dataset
 from dermlab.data.images import IMAGE_EXTENSIONS, read_image
 from dermlab.data.transforms import create_transform
 from dermlab.errors import ConfigError, DataError
+from dermlab.evaluation.abstention import needs_features
+from dermlab.evaluation.inference import checkpoint_temperature
 from dermlab.io import atomic_write_json
 from dermlab.models.checkpoint import LoadedModel, load_checkpoint, run_dir_of, save_checkpoint
 from dermlab.registry import Registry
 
-__all__ = ["ADAPTATION_METHODS", "AdaptedRun", "adapt_model", "adapt_run", "list_images"]
+__all__ = ["ADAPTATION_METHODS", "AdaptedRun", "adapt_model", "adapt_run", "em_class_shares", "list_images"]
 
 Batches = Callable[[], Iterator[torch.Tensor]]
 ADAPTATION_METHODS: Registry[Callable[..., dict[str, Any]]] = Registry("adaptation method")
@@ -134,12 +141,81 @@ def _tent(model: nn.Module, batches: Batches, *, epochs: int = 1, lr: float = 1e
             "entropy_first": entropies[0] if entropies else None, "entropy_last": entropies[-1] if entropies else None}
 
 
+@ADAPTATION_METHODS.register("prior")
+def _prior(
+    model: nn.Module,
+    batches: Batches,
+    *,
+    temperature: float = 1.0,
+    train_prior: Sequence[float] | None = None,
+    views: Sequence[str] = ("identity",),
+    iterations: int = 200,
+    **_: Any,
+) -> dict[str, Any]:
+    """The target's class shares by EM over the calibrated probabilities (Saerens et al. 2002); the head's bias
+    then moves by ``temperature * log(target share / training share)``, so every prediction is the posterior
+    under the target's shares. The network's features do not change."""
+    from dermlab.evaluation.tta import view_logits
+
+    if train_prior is None:
+        raise ConfigError("prior needs the run's training class shares (its fitted decision rule: evaluation.logit_adjustment)")
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Linear) or head.bias is None:
+        raise ConfigError("prior needs a model with one linear head with a bias (not an ensemble)")
+    model.eval()
+    with torch.no_grad():
+        probabilities = torch.cat([torch.softmax(view_logits(model, images, views).double() / temperature, dim=-1).mean(dim=0)
+                                   for images in batches()])
+    source = torch.as_tensor(list(train_prior), dtype=torch.float64)
+    if source.shape != (probabilities.shape[1],) or not bool((source > 0).all()):
+        raise ConfigError(f"prior: the training class shares must be {probabilities.shape[1]} numbers > 0, got {list(train_prior)}")
+    target, steps = em_class_shares(probabilities, source / source.sum(), iterations)
+    with torch.no_grad():
+        head.bias += (temperature * torch.log(target / (source / source.sum()))).to(head.bias.dtype)
+    return {"images_seen": int(probabilities.shape[0]), "train_prior": (source / source.sum()).tolist(),
+            "target_prior": target.tolist(), "em_iterations": steps}
+
+
+_prior.changes_features = False  # type: ignore[attr-defined]
+
+
+def em_class_shares(probabilities: torch.Tensor, prior: torch.Tensor, iterations: int = 200, tolerance: float = 1e-7) -> tuple[torch.Tensor, int]:
+    """Saerens et al.'s EM: the class shares ``pi'`` of a target set from posteriors ``(N, C)`` computed under
+    training shares ``prior``; each step re-weights the posteriors by ``pi' / prior`` and averages them."""
+    shares = prior.clone()
+    for step in range(1, iterations + 1):
+        weighted = probabilities * (shares / prior)
+        updated = (weighted / weighted.sum(dim=1, keepdim=True)).mean(dim=0).clamp(min=1e-6)
+        updated = updated / updated.sum()
+        converged = float((updated - shares).abs().max()) < tolerance
+        shares = updated
+        if converged:
+            return shares, step
+    return shares, iterations
+
+
+def _changes_features(method: str) -> bool:
+    return bool(getattr(ADAPTATION_METHODS.get(method), "changes_features", True))
+
+
 def adapt_model(loaded: LoadedModel, paths: Sequence[Path], method: str = "adabn", *, batch_size: int = 32,
                 num_workers: int = 0, seed: int = 0, **options: Any) -> dict[str, Any]:
     """Adapt ``loaded.model`` in place on the images at ``paths`` (see the module docstring)."""
     adapt = ADAPTATION_METHODS.get(method)
     if not paths:
         raise DataError("no images to adapt on")
+    rule = loaded.extras.get("abstention") or {}
+    if _changes_features(method) and needs_features(list(rule.get("thresholds") or {})):
+        raise ConfigError(
+            f"{loaded.path}: its abstention rule uses mahalanobis, a distance to the training images' features, which "
+            f"{method} changes; adapt a run whose evaluation.abstain_scores have no feature score, or use prior"
+        )
+    if _changes_features(method):  # the statistics describe the source network's features, not the adapted one's
+        loaded.extras.pop("feature_statistics", None)
+    decision = loaded.extras.get("decision") or {}
+    options = {"temperature": checkpoint_temperature(loaded.extras, str(loaded.path)),
+               "train_prior": decision.get("class_prior"),
+               "views": tuple(loaded.extras.get("tta_views") or loaded.config.evaluation.tta or ("identity",)), **options}
     dataset = _Images(paths, create_transform("none", loaded.preprocessing, train=False))
     model = loaded.model
 
