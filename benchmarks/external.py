@@ -6,13 +6,15 @@
 For every ``--runs`` run, on the ``--external`` folder (its labels read only to score, never to adapt):
 
 - ``as trained``: the run's own behaviour (TTA views, temperature, decision rules, abstention);
-- ``adabn`` / ``tent``: the run adapted on the folder's unlabelled images (``dermlab adapt``'s code), scored the same.
+- ``adabn`` / ``tent`` / ``prior``: the run adapted on the folder's unlabelled images (``dermlab adapt``'s code),
+  scored the same; a method ``dermlab adapt`` refuses for the run (adabn and tent on BatchNorm statistics that
+  never trained) gets its one-line reason instead of figures.
 
 Each row: the softmax restricted to the classes present (accuracy, balanced accuracy, AUC of the target class
 against the others present, with 95% bootstrap intervals over images), the target class's recall at the run's
 own decision rule over all its classes, and the share the abstention rule marks "uncertain". Then the
-in-distribution check: AdaBN on the run's own test images, and the change it makes to the test split's
-accuracy, balanced accuracy and macro AUC (it should be within noise). ``--quick``: a random tiny model on
+in-distribution check: each method adapted on the run's own test images, and the change it makes to the test
+split's accuracy, balanced accuracy and macro AUC (it should be within noise). ``--quick``: a random tiny model on
 synthetic images (smoke test).
 
 Writes ``benchmarks/results/external.json`` (``--quick``: ``external-quick.json``).
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_common_arguments, print_table, synthetic_dataset, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("as trained", "adabn", "tent")
+METHODS = ("as trained", "adabn", "tent", "prior")
 
 
 def main() -> int:
@@ -51,25 +53,38 @@ def main() -> int:
     rows, checks = [], {}
     for run in args.runs:
         for method in METHODS:
-            rows.append({"run": run.name, "method": method, **_score_external(run, method, args)})
-        checks[run.name] = _in_distribution_check(run, args)
+            rows.append({"run": run.name, "method": method, **_refused_or(lambda: _score_external(run, method, args))})
+        checks[run.name] = {method: _refused_or(lambda: _in_distribution_check(run, method, args)) for method in METHODS[1:]}
+    scored = [r for r in rows if "refused" not in r]
+    target = scored[0]["target"] if scored else "target"
     print_table(
         f"external: {args.external} (softmax restricted to the classes present; 95% intervals over images)",
-        [[r["run"], r["method"], _cell(r, "accuracy"), _cell(r, "balanced_accuracy"), _cell(r, "auc"),
+        [[r["run"], r["method"], "refused: " + r["refused"]] if "refused" in r else
+         [r["run"], r["method"], _cell(r, "accuracy"), _cell(r, "balanced_accuracy"), _cell(r, "auc"),
           f"{r['target_recall']:.3f} ({r['rule']})", "  ".join(f"{k} {v:.3f}" for k, v in r["target_recall_by_rule"].items()),
           f"{r['uncertain']:.3f}"] for r in rows],
-        ["run", "method", "accuracy", "balanced acc", f"AUC {rows[0]['target']} vs rest", f"{rows[0]['target']} recall (run's rule)",
-         "by rule", "uncertain"],
+        ["run", "method", "accuracy", "balanced acc", f"AUC {target} vs rest", f"{target} recall (run's rule)", "by rule", "uncertain"],
     )
     print_table(
-        "in distribution: AdaBN on the run's own test images, test split before -> after",
-        [[name, *(f"{c['before'][k]:.3f} -> {c['after'][k]:.3f} ({c['after'][k] - c['before'][k]:+.3f})" for k in ("accuracy", "balanced_accuracy", "auc_macro"))]
-         for name, c in checks.items()],
-        ["run", "accuracy", "balanced accuracy", "macro AUC"],
+        "in distribution: each method adapted on the run's own test images, test split before -> after",
+        [[name, method, "refused"] if "refused" in c else
+         [name, method, *(f"{c['before'][k]:.3f} -> {c['after'][k]:.3f} ({c['after'][k] - c['before'][k]:+.3f})" for k in ("accuracy", "balanced_accuracy", "auc_macro"))]
+         for name, by_method in checks.items() for method, c in by_method.items()],
+        ["run", "method", "accuracy", "balanced accuracy", "macro AUC"],
     )
     args.runs, args.external = [str(run) for run in args.runs], str(args.external)  # plain data for the JSON
     write_results("external", args, {"rows": rows, "in_distribution": checks})
     return 0
+
+
+def _refused_or(measure: Any) -> dict[str, Any]:
+    """``measure()``, or ``{"refused": reason}`` when dermlab refuses the combination (a ConfigError)."""
+    from dermlab.errors import ConfigError
+
+    try:
+        return measure()
+    except ConfigError as error:
+        return {"refused": str(error).split(": ", 1)[-1]}
 
 
 def _cell(row: dict[str, Any], key: str) -> str:
@@ -121,7 +136,7 @@ def _score_external(run: Path, method: str, args: argparse.Namespace) -> dict[st
     }
 
 
-def _in_distribution_check(run: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _in_distribution_check(run: Path, method: str, args: argparse.Namespace) -> dict[str, Any]:
     import json
 
     from dermlab.data.run_data import prepare_run_data
@@ -129,7 +144,7 @@ def _in_distribution_check(run: Path, args: argparse.Namespace) -> dict[str, Any
 
     loaded = _adapted(run, "as trained", [], args)
     test = prepare_run_data(loaded.config, run).rows("test")
-    adapted = _adapted(run, "adabn", [Path(p) for p in test["path"]], args)
+    adapted = _adapted(run, method, [Path(p) for p in test["path"]], args)
     before_path = run / "eval" / "test" / "metrics.json"
     with tempfile.TemporaryDirectory() as out:
         before = json.loads(before_path.read_text()) if before_path.is_file() else evaluate_frame(loaded, test, Path(out) / "b")
@@ -140,6 +155,8 @@ def _in_distribution_check(run: Path, args: argparse.Namespace) -> dict[str, Any
 
 def _quick_setup(work: Path) -> tuple[list[Path], Path]:
     """A random tiny model over a synthetic HAM10000-layout set, and a two-class external folder of its test images."""
+    import torch
+
     from dermlab.config import Config, apply_overrides
     from dermlab.data.run_data import prepare_run_data
     from dermlab.models.checkpoint import save_checkpoint
@@ -153,7 +170,12 @@ def _quick_setup(work: Path) -> tuple[list[Path], Path]:
                                         "model.input_size=[32,32]", "data.duplicates=none", "evaluation.bootstrap_resamples=50"])
     split = prepare_run_data(config, run)
     model = create_model(config.model, len(split.classes), load_weights=False)
-    save_checkpoint(run / "checkpoints" / "best.ckpt", model, config, split.classes, resolve_preprocessing(model, config.model))
+    for layer in model.modules():  # as if trained with its BatchNorm statistics following the batches
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+            layer.num_batches_tracked.fill_(1)
+    prior = split.frame[split.frame["split"] == "train"]["label"].value_counts().reindex(split.classes, fill_value=1)
+    save_checkpoint(run / "checkpoints" / "best.ckpt", model, config, split.classes, resolve_preprocessing(model, config.model),
+                    decision={"tau": 1.0, "class_prior": (prior / prior.sum()).tolist(), "default": "argmax"})
     external = root / "external"
     for _, row in split.frame[split.frame["label"].isin(["mel", "nv"])].iterrows():
         (external / row["label"]).mkdir(parents=True, exist_ok=True)

@@ -20,10 +20,14 @@ from dermlab.training.adapt import adapt_run, list_images
 CLASSES = ["nv", "mel"]
 
 
-def _run(root: Path) -> Path:
+def _run(root: Path, statistics_trained: bool = True) -> Path:
     torch.manual_seed(0)
     config = Config(model=ModelConfig(name="test_efficientnet", weights="none", input_size=[32, 32]))
     model = create_model(config.model, len(CLASSES), load_weights=False)
+    if statistics_trained:  # as after training with its BatchNorm statistics following the batches
+        for layer in model.modules():
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                layer.num_batches_tracked.fill_(10)
     save_checkpoint(root / "checkpoints" / "best.ckpt", model, config, CLASSES, resolve_preprocessing(model, config.model),
                     temperature=1.5)
     (root / "splits.csv").write_text("image_id,split\na,train\n")
@@ -185,3 +189,12 @@ def test_prior_adaptation_needs_the_training_class_shares(tmp_path: Path) -> Non
     source = _run(tmp_path / "run")  # no fitted decision rule
     with pytest.raises(ConfigError, match="training class shares"):
         adapt_run(source, [_images(tmp_path / "target")], tmp_path / "adapted", method="prior", batch_size=3)
+
+
+def test_adabn_and_tent_are_refused_for_a_network_whose_batchnorm_statistics_never_trained(tmp_path: Path) -> None:
+    """Frozen statistics (train.frozen_batchnorm, or the old mode bug): its layers learned around them."""
+    source = _run(tmp_path / "run", statistics_trained=False)
+    for method in ("adabn", "tent"):
+        with pytest.raises(ConfigError, match="never trained"):
+            adapt_run(source, [_images(tmp_path / "target")], tmp_path / method, method=method, batch_size=3)
+        assert not (tmp_path / method).exists()

@@ -194,6 +194,19 @@ def em_class_shares(probabilities: torch.Tensor, prior: torch.Tensor, iterations
     return shares, iterations
 
 
+def _refuse_untrained_statistics(loaded: LoadedModel, method: str) -> None:
+    """Refuse adabn / tent on a network whose BatchNorm statistics never followed its training batches: its
+    layers learned around the pretrained statistics, which re-estimating them would replace."""
+    layers = [m for m in loaded.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if layers and all(m.num_batches_tracked is not None and int(m.num_batches_tracked) == 0 for m in layers):
+        raise ConfigError(
+            f"{loaded.path}: its BatchNorm statistics were never trained (frozen as loaded: train.frozen_batchnorm, "
+            f"or a run trained before dermlab set train mode at each epoch), so its layers learned around the "
+            f"pretrained statistics and {method} would replace them (measured: in-distribution accuracy 0.826 -> "
+            "0.678); use --method prior, or retrain with train.frozen_batchnorm=false"
+        )
+
+
 def _changes_features(method: str) -> bool:
     return bool(getattr(ADAPTATION_METHODS.get(method), "changes_features", True))
 
@@ -210,8 +223,9 @@ def adapt_model(loaded: LoadedModel, paths: Sequence[Path], method: str = "adabn
             f"{loaded.path}: its abstention rule uses mahalanobis, a distance to the training images' features, which "
             f"{method} changes; adapt a run whose evaluation.abstain_scores have no feature score, or use prior"
         )
-    if _changes_features(method):  # the statistics describe the source network's features, not the adapted one's
-        loaded.extras.pop("feature_statistics", None)
+    if _changes_features(method):
+        _refuse_untrained_statistics(loaded, method)
+        loaded.extras.pop("feature_statistics", None)  # they describe the source network's features, not the adapted one's
     decision = loaded.extras.get("decision") or {}
     options = {"temperature": checkpoint_temperature(loaded.extras, str(loaded.path)),
                "train_prior": decision.get("class_prior"),
