@@ -170,10 +170,10 @@ class TrainConfig:
     # stage 2: keep every backbone BatchNorm layer's running statistics as loaded (the pretrained ones), training
     # only their scale and shift; false = the statistics follow the training batches
     frozen_batchnorm: bool = False
-    optimizer: Literal["adam", "adamw"] = "adamw"
+    optimizer: str = "adamw"  # a name of dermlab.training.module.OPTIMIZERS
     weight_decay: float = 1e-4
     warmup_epochs: int = 0
-    scheduler: Literal["cosine", "constant"] = "cosine"
+    scheduler: str = "cosine"  # a name of dermlab.training.module.LR_SCHEDULES
     monitor: str = "val/balanced_accuracy"
     monitor_mode: Literal["max", "min"] = "max"
     patience: int = 0  # 0 = no early stopping
@@ -251,7 +251,7 @@ class EvaluationConfig:
     # post-hoc logit adjustment: tau (fitted on val to maximise balanced accuracy) gives a second decision rule,
     # argmax of log p - tau * log(train class prior); decision_rule picks the one predictions use by default
     logit_adjustment: bool = True
-    decision_rule: Literal["argmax", "balanced"] = "argmax"
+    decision_rule: str = "argmax"  # one of dermlab.evaluation.decision.RULES: argmax or balanced
     abstain_false_rejection: float = 0.05  # share of val lesions the abstention rule may reject; 0 = no rule
     abstain_scores: list[str] = field(default_factory=lambda: ["max_probability", "energy"])
     # after training: pooled-feature statistics of the train split (val for the references), stored in the

@@ -111,6 +111,9 @@ def test_an_edited_augmentation_changes_the_feature_cache_key() -> None:
         ("distill.curriculum_shape=steep", "distill.curriculum_shape"),
         ("loss.name=focus", "loss.name"),
         ("evaluation.tta=[hflip,spin]", "evaluation.tta"),
+        ("train.optimizer=sgdm", "train.optimizer"),
+        ("train.scheduler=step", "train.scheduler"),
+        ("evaluation.decision_rule=bayes", "evaluation.decision_rule"),
     ],
 )
 def test_an_unknown_name_is_refused_naming_its_field_and_the_registered_names(override: str, field: str) -> None:
@@ -133,3 +136,9 @@ def test_every_registered_name_passes() -> None:
         check_names(apply_overrides(Config(), [f"data.sampler={sampler}"]))
     for method in MIXERS:
         check_names(apply_overrides(Config(), [f"mixing.method={method}"]))
+    from dermlab.training.module import LR_SCHEDULES, OPTIMIZERS
+
+    for optimizer in OPTIMIZERS:
+        check_names(apply_overrides(Config(), [f"train.optimizer={optimizer}"]))
+    for schedule in LR_SCHEDULES:
+        check_names(apply_overrides(Config(), [f"train.scheduler={schedule}"]))

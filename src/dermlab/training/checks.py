@@ -1,7 +1,8 @@
 """What a run checks before it reads or trains anything: its names and its combinations.
 
 - :func:`check_names`: config fields that pick a component by name (``data.layout``, ``data.augmentation``,
-  ``data.sampler``, ``loss.name``, ``mixing.method``, ``distill.curriculum_shape``, ``model.color_constancy``,
+  ``data.sampler``, ``loss.name``, ``mixing.method``, ``train.optimizer``, ``train.scheduler``,
+  ``distill.curriculum_shape``, ``model.color_constancy``, ``evaluation.decision_rule``,
   ``evaluation.tta`` / ``tta_candidates`` views, ``evaluation.abstain_scores``) are plain strings in
   :mod:`dermlab.config`, so no name is written twice; each is looked up in its registry, the one list of its
   family's names, and an unknown one is refused naming the field and the valid names.
@@ -18,11 +19,13 @@ from dermlab.data.datasets import AUTO_LAYOUT, LAYOUTS
 from dermlab.data.transforms import AUGMENTATIONS, COLOR_CONSTANCY
 from dermlab.errors import ConfigError
 from dermlab.evaluation.abstention import ABSTENTION_SCORES, needs_features
+from dermlab.evaluation.decision import RULES
 from dermlab.evaluation.tta import resolve_tta_views
 from dermlab.losses import LOSSES
 from dermlab.registry import Registry
 from dermlab.training.curriculum import CURRICULUM_SHAPES
 from dermlab.training.mixing import MIXERS
+from dermlab.training.module import LR_SCHEDULES, OPTIMIZERS
 from dermlab.training.samplers import SAMPLERS
 
 __all__ = ["check_combinations", "check_names"]
@@ -37,6 +40,10 @@ def check_names(config: Config) -> None:
     _check("data.sampler", data.sampler, SAMPLERS)
     _check("loss.name", config.loss.name, LOSSES)
     _check("mixing.method", config.mixing.method, MIXERS)
+    _check("train.optimizer", config.train.optimizer, OPTIMIZERS)
+    _check("train.scheduler", config.train.scheduler, LR_SCHEDULES)
+    if config.evaluation.decision_rule not in RULES:
+        raise ConfigError(f"evaluation.decision_rule: unknown rule {config.evaluation.decision_rule!r}; valid names: {', '.join(RULES)}")
     _check("distill.curriculum_shape", config.distill.curriculum_shape, CURRICULUM_SHAPES)
     if config.model.color_constancy:
         _check("model.color_constancy", config.model.color_constancy, COLOR_CONSTANCY)

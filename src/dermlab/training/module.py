@@ -13,8 +13,20 @@ from torch import nn
 from torchmetrics.classification import MulticlassAUROC, MulticlassStatScores
 
 from dermlab.data.datamodule import draw_seed
+from dermlab.registry import Registry
 
-__all__ = ["ClassifierModule", "LossTerm", "TermStep", "cosine_with_warmup", "parameter_groups"]
+__all__ = ["ClassifierModule", "LR_SCHEDULES", "LossTerm", "OPTIMIZERS", "TermStep", "cosine_with_warmup", "parameter_groups"]
+
+#: Optimisers by name (``train.optimizer``): ``build(parameter_groups, lr, weight_decay) -> torch.optim.Optimizer``.
+OPTIMIZERS: Registry[Callable[[list, float, float], torch.optim.Optimizer]] = Registry("optimizer")
+OPTIMIZERS.add("adamw", lambda groups, lr, decay: torch.optim.AdamW(groups, lr=lr, weight_decay=decay))
+OPTIMIZERS.add("adam", lambda groups, lr, decay: torch.optim.Adam(groups, lr=lr, weight_decay=decay))
+
+#: Learning-rate schedules by name (``train.scheduler``): ``schedule(total_steps, warmup_steps)`` -> the factor of
+#: each optimiser step, or None for a constant rate (no scheduler; warmup does not apply).
+LR_SCHEDULES: Registry[Callable[[int, int], Callable[[int], float] | None]] = Registry("learning-rate schedule")
+LR_SCHEDULES.add("cosine", lambda total, warmup: lambda step: cosine_with_warmup(step, total, warmup))
+LR_SCHEDULES.add("constant", lambda total, warmup: None)
 
 
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
@@ -239,18 +251,13 @@ class ClassifierModule(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         parameters = parameter_groups(self.model, self.lr, self.weight_decay, self.layer_decay)
-        if self.optimizer_name == "adam":
-            optimizer = torch.optim.Adam(parameters, lr=self.lr, weight_decay=self.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
-        if self.scheduler_name == "constant":
-            return optimizer
+        optimizer = OPTIMIZERS.get(self.optimizer_name)(parameters, self.lr, self.weight_decay)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
-        warmup_steps = self.warmup_epochs * steps_per_epoch
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: cosine_with_warmup(step, total_steps, warmup_steps)
-        )
+        factor = LR_SCHEDULES.get(self.scheduler_name)(total_steps, self.warmup_epochs * steps_per_epoch)
+        if factor is None:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints
