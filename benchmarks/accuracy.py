@@ -105,10 +105,7 @@ def main() -> int:
     targets = _targets(rows)
     paired = _paired(PAIRS)
     gain = _ensemble_gain(rows)
-    for pair, figures in paired.items():
-        print_table(f"paired differences {pair} (95% lesion-bootstrap interval; * excludes 0)",
-                    [[k, f"{v['difference']:+.3f}" if v["difference"] is not None else "-", f"[{v['interval'][0]:+.3f}, {v['interval'][1]:+.3f}]" if v["interval"] else "-", "*" if v["significant"] else ""] for k, v in figures.items() if k != "images"],
-                    ["metric", "difference", "interval", ""])
+    print_paired(paired, "95% lesion-bootstrap interval")
     print_table("images per split and class", [[split, *row.tolist()] for split, row in counts.iterrows()], ["split", *classes])
     markdown = _markdown(rows, classes, counts, targets, paired, gain)
     (args.out / f"{grid_path.stem}.md").write_text(markdown)
@@ -377,6 +374,16 @@ def _print_rows(rows: list[dict[str, Any]], classes: list[str]) -> None:
     keys = [*HEADLINE, "f1_macro"]
     print_table("test split: figures with 95% lesion-bootstrap intervals", [[r["run"], *(_fmt(r[k]) for k in keys), r["wall_min"], r.get("train_min", "")] for r in rows], ["run", "accuracy", "balanced acc", "macro AUC", "mel sens @80% spec", "macro F1", "wall min", "train min"])
     print_table("test recall per class (argmax rule)", [[r["run"], *[r["recall"].get(c, float("nan")) for c in classes]] for r in rows], ["run", *classes])
+
+
+def print_paired(paired: dict[str, Any], interval: str) -> None:
+    """Each pair's differences as a console table (``interval`` names the intervals, e.g. their bootstrap)."""
+    for pair, figures in paired.items():
+        print_table(f"paired differences {pair} ({interval}; * excludes 0)",
+                    [[k, f"{v['difference']:+.3f}" if v["difference"] is not None else "-",
+                      f"[{v['interval'][0]:+.3f}, {v['interval'][1]:+.3f}]" if v["interval"] else "-", "*" if v["significant"] else ""]
+                     for k, v in figures.items() if k != "images"],
+                    ["metric", "difference", "interval", ""])
 
 
 def _paired_markdown(paired: dict[str, Any]) -> list[str]:

@@ -142,10 +142,7 @@ def _print(rows: list[dict[str, Any]], classes: list[str], smallest: list[str], 
                 ["run", *(LABELS[k] for k in FIGURES), "wall min", "train min"])
     print_table("test F1 per class (argmax rule; the smallest train classes first)", [[r["run"], *(r["f1"].get(c, float("nan")) for c in [*smallest, *(c for c in classes if c not in smallest)])] for r in rows],
                 ["run", *smallest, *(c for c in classes if c not in smallest)])
-    for pair, figures in paired.items():
-        print_table(f"paired differences {pair} (95% bootstrap interval; * excludes 0)",
-                    [[k, f"{v['difference']:+.3f}" if v["difference"] is not None else "-", f"[{v['interval'][0]:+.3f}, {v['interval'][1]:+.3f}]" if v["interval"] else "-", "*" if v["significant"] else ""] for k, v in figures.items() if k != "images"],
-                    ["metric", "difference", "interval", ""])
+    side_by_side.print_paired(paired, "95% bootstrap interval")
     if targets:
         print_table("targets (clinical default)", [[k, v["value"], v.get("target", v.get("peer")), "met" if v["met"] else "MISSED"] for k, v in targets.items()], ["target", "value", "goal / peer", ""])
 
