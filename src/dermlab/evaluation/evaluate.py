@@ -379,21 +379,8 @@ def score_logits(
         predictions["predicted"] = [classes[i] for i in decisions.predicted]
         for name, chosen in (decisions.by_rule or {}).items():
             predictions[f"predicted_{name}"] = [classes[i] for i in chosen]
-    index = {name: i for i, name in enumerate(classes)}
-    unknown = sorted(set(predictions["true"]) - set(index))
-    if unknown:
-        raise DataError(f"labels {unknown} are not among the model's classes {list(classes)}")
-    y_true = predictions["true"].map(index).to_numpy(dtype=np.int64)
-    extra: dict[str, Any] = {
-        "tta": list(views),
-        "calibration": {
-            "temperature": float(temperature),
-            "ece_before": reliability_bins(y_true, raw, n_bins=evaluation.ece_bins)["ece"],
-            "ece_after": reliability_bins(y_true, probabilities, n_bins=evaluation.ece_bins)["ece"],
-            "nll_before": _nll(y_true, raw),
-            "nll_after": _nll(y_true, probabilities),
-        },
-    }
+    y_true = _true_indices(predictions, classes)
+    extra: dict[str, Any] = {"tta": list(views), "calibration": _calibration_facts(y_true, raw, probabilities, temperature, evaluation)}
     groups = frame["group"].astype(str).tolist() if "group" in frame else None
     if decision is not None:
         extra["decision_rule"] = rule
@@ -419,6 +406,28 @@ def score_logits(
         extra=extra,
         groups=groups,
     )
+
+
+def _true_indices(predictions: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
+    """The ``true`` column as class indices; a label the model does not know is refused."""
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted(set(predictions["true"]) - set(index))
+    if unknown:
+        raise DataError(f"labels {unknown} are not among the model's classes {list(classes)}")
+    return predictions["true"].map(index).to_numpy(dtype=np.int64)
+
+
+def _calibration_facts(
+    y_true: np.ndarray, raw: np.ndarray, probabilities: np.ndarray, temperature: float, evaluation: EvaluationConfig
+) -> dict[str, float]:
+    """The temperature, and ECE and NLL before (``raw``) and after it (``probabilities``)."""
+    return {
+        "temperature": float(temperature),
+        "ece_before": reliability_bins(y_true, raw, n_bins=evaluation.ece_bins)["ece"],
+        "ece_after": reliability_bins(y_true, probabilities, n_bins=evaluation.ece_bins)["ece"],
+        "nll_before": _nll(y_true, raw),
+        "nll_after": _nll(y_true, probabilities),
+    }
 
 
 def rule_metrics(

@@ -63,22 +63,7 @@ def summarise_run(
     rows = {split: part for split, part in rows.items() if len(part) > 0}
     train = split_rows(frame, "train")
     with_features = bool(evaluation.feature_statistics) and "val" in rows and len(train) >= 3 and has_one_backbone(loaded.model)
-    logits: dict[str, np.ndarray] = {}
-    features: dict[str, np.ndarray] = {}
-    views, tta_facts = resolve_tta_views(evaluation.tta), {}
-    if "val" in rows and evaluation.tta_candidates:
-        views, logits["val"], tta_facts, val_features = _choose_tta_on_val(
-            loaded, rows["val"], batch_size, num_workers, with_features=with_features
-        )
-        if val_features is not None:
-            features["val"] = val_features
-    for split, part in rows.items():
-        if split in logits:
-            continue
-        if with_features:
-            logits[split], features[split] = predict_view_outputs(loaded, part, views, batch_size=batch_size, num_workers=num_workers)
-        else:
-            logits[split] = predict_view_logits(loaded, part, views, batch_size=batch_size, num_workers=num_workers)
+    views, logits, features, tta_facts = _split_outputs(loaded, rows, batch_size, num_workers, with_features)
     familiarity = _fit_feature_statistics(loaded, train, features, batch_size, num_workers) if with_features else {}
     prior = _train_prior(frame, loaded.classes)
     facts = _fit_on_val(loaded, rows.get("val"), logits.get("val"), views, prior, tta_facts, features.get("val"))
@@ -107,6 +92,38 @@ def summarise_run(
         summary["ood_rejection"] = _non_lesion_rejection(loaded, rule, views, batch_size)
     summary.update(extras or {})
     atomic_write_json(run_dir / "metrics.json", summary)
+    _write_pictures_and_pages(run_dir)
+    return summary
+
+
+def _split_outputs(
+    loaded: LoadedModel, rows: dict[str, pd.DataFrame], batch_size: int, num_workers: int, with_features: bool
+) -> tuple[tuple[str, ...], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
+    """The run's views (chosen on val when ``evaluation.tta_candidates``), each split's view logits and, with
+    ``with_features``, its pooled features averaged over the views; and the facts of the TTA choice."""
+    evaluation = loaded.config.evaluation
+    logits: dict[str, np.ndarray] = {}
+    features: dict[str, np.ndarray] = {}
+    views, tta_facts = resolve_tta_views(evaluation.tta), {}
+    if "val" in rows and evaluation.tta_candidates:
+        views, logits["val"], tta_facts, val_features = _choose_tta_on_val(
+            loaded, rows["val"], batch_size, num_workers, with_features=with_features
+        )
+        if val_features is not None:
+            features["val"] = val_features
+    for split, part in rows.items():
+        if split in logits:
+            continue
+        if with_features:
+            logits[split], features[split] = predict_view_outputs(loaded, part, views, batch_size=batch_size, num_workers=num_workers)
+        else:
+            logits[split] = predict_view_logits(loaded, part, views, batch_size=batch_size, num_workers=num_workers)
+    return views, logits, features, tta_facts
+
+
+def _write_pictures_and_pages(run_dir: Path) -> None:
+    """Training curves, model card and report of a run whose metrics.json is written (curves and card are
+    niceties: a failure there is logged, never lost work)."""
     metrics_csv = run_dir / "logs" / "metrics.csv"
     if metrics_csv.is_file():
         try:
@@ -118,7 +135,6 @@ def summarise_run(
     except Exception as error:  # the card is generated from the files above; never lose the run over it
         log.warning("could not write the model card: %s", error)
     write_report(run_dir)
-    return summary
 
 
 # The console table's rows: (label, key in the split's metrics, key in its "intervals" or None).
