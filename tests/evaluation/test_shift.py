@@ -171,6 +171,10 @@ def test_evaluate_shift_command(checkpoint: Path, images_dir: Path, capsys: pyte
     assert "vignette" in printed and "mel vs nv AUC" in printed and str(out_dir / "shift.md") in printed
     assert main(["evaluate", str(checkpoint), "--data", str(images_dir), "--corruptions", "fog"]) == 2
     assert "unknown corruption 'fog'" in capsys.readouterr().err
+    assert main(["evaluate", str(checkpoint), "--data", str(images_dir), "--corruptions", "jpeg30", "--external", str(images_dir)]) == 0
+    data = json.loads((out_dir / "shift.json").read_text())
+    assert [row["corruption"] for row in data["rows"]] == ["clean", "jpeg30", "external: clinic"]
+    assert data["rows"][2]["accuracy"] == pytest.approx(data["rows"][0]["accuracy"])  # the same images, uncorrupted
 
 
 @pytest.mark.slow
@@ -197,3 +201,17 @@ def test_a_robust_recipe_trains_and_its_run_gets_a_shift_report(
     test_images = (pd.read_csv(run / "splits.csv")["split"] == "test").sum()
     assert data["images"] == test_images and [r["corruption"] for r in data["rows"]] == ["clean", "colour_cast", "squash_1to1"]
     assert "squash_1to1" in capsys.readouterr().out
+
+
+def test_an_external_folder_of_some_classes_gets_its_own_row_scored_like_the_clean_one(
+    loaded: LoadedModel, frame: pd.DataFrame, images_dir: Path, tmp_path: Path
+) -> None:
+    """A real shift beside the imitated ones: the external row equals clean scoring of those images alone."""
+    external = frame[frame["label"].isin(["mel", "nv"])].reset_index(drop=True)
+    report = shift_report(loaded, frame, corruptions=["jpeg30"], batch_size=4, external={"other clinic": external})
+    assert list(report.index) == ["clean", "jpeg30", "external: other clinic"]
+    alone = shift_report(loaded, external, corruptions=[], batch_size=4)
+    for metric in SHIFT_METRICS:
+        assert report.loc["external: other clinic", metric] == pytest.approx(alone.loc["clean", metric])
+    with pytest.raises(DataError, match="not among the model's classes"):
+        shift_report(loaded, frame, corruptions=[], external={"x": external.assign(label="scc")})

@@ -43,6 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--shift-seed", type=int, default=0, help="seed of the corruptions (default 0)")
     parser.add_argument(
+        "--external", metavar="DIR", action="append", default=[],
+        help="for --shift (implies it): one more row scoring the labelled images of DIR (another clinic; its "
+        "classes may be a subset of the run's, e.g. mel/ and nv/), uncorrupted: the real shift beside the "
+        "imitated ones; repeatable",
+    )
+    parser.add_argument(
         "--weights",
         choices=["averaged", "raw"],
         default="averaged",
@@ -79,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         default_out = run_dir / "eval" / args.split
     rows = split_rows(frame, args.split, whole_if_unsplit=bool(args.data))  # a plain folder has no splits: all of it
     training_copies = _warn_training_copies(args, loaded, run_dir, rows) if args.data else None
-    if args.shift or args.corruptions:
+    if args.shift or args.corruptions or args.external:
         shift_out = run_dir / "eval" / "shift" if not args.data and args.split == "test" else Path(f"{default_out}-shift")
         _save_training_copies(training_copies, Path(args.out) if args.out else shift_out)
         return _run_shift(args, loaded, rows.reset_index(drop=True), Path(args.out) if args.out else shift_out)
@@ -172,6 +178,19 @@ def _save_training_copies(copies: pd.DataFrame | None, out: Path) -> None:
         atomic_write_text(out / "copies_of_training.csv", copies.to_csv(index=False, lineterminator="\n"))
 
 
+def _external_rows(folders: list[str], loaded: LoadedModel) -> dict[str, pd.DataFrame]:
+    """Each ``--external`` folder's labelled rows (read with the run's data settings and classes), by name."""
+    from dataclasses import replace
+
+    from dermlab.data.datasets import load_dataset
+
+    out = {}
+    for folder in folders:
+        table = load_dataset(folder, replace(loaded.config.data, path=folder, classes=loaded.classes))
+        out[Path(folder).name or folder] = table.frame
+    return out
+
+
 def _run_shift(args: argparse.Namespace, loaded: LoadedModel, rows: pd.DataFrame, out: Path) -> int:
     """The shift report of ``rows``: printed as a table, written as ``shift.json`` and ``shift.md`` in ``out``."""
     from rich import box
@@ -183,7 +202,8 @@ def _run_shift(args: argparse.Namespace, loaded: LoadedModel, rows: pd.DataFrame
     labels = {"balanced_accuracy": "bal. accuracy", "auc_macro": "macro AUC", "mel_vs_nv_auc": "mel vs nv AUC"}
 
     names = [name.strip() for name in args.corruptions.split(",") if name.strip()] if args.corruptions else None
-    report = shift_report(loaded, rows, corruptions=names, seed=args.shift_seed, batch_size=args.batch_size)
+    report = shift_report(loaded, rows, corruptions=names, seed=args.shift_seed, batch_size=args.batch_size,
+                          external=_external_rows(args.external, loaded))
     json_path, markdown_path = write_shift_report(report, out)
     header, cells = shift_table(report)
     table = Table(

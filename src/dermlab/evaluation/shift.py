@@ -10,7 +10,7 @@ images whose truth is melanoma or nevus: the distinction that matters most clini
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +56,15 @@ def shift_report(
     batch_size: int = 64,
     num_workers: int = 0,
     device: torch.device | None = None,
+    external: Mapping[str, pd.DataFrame] | None = None,
 ) -> pd.DataFrame:
     """Metrics of ``loaded`` on the labelled rows of ``frame`` (``path``, ``label``), clean and corrupted.
 
     ``corruptions`` defaults to :data:`SHIFT_CORRUPTIONS`; unknown names raise :class:`ConfigError` before
-    any image is read. The frame's index is named ``corruption``; ``attrs`` hold ``seed`` and ``images``.
+    any image is read. ``external``: labelled rows of other sources by name (e.g. another clinic's folder,
+    whose classes may be a subset of the model's), each one more row ``external: <name>`` scored the same way,
+    uncorrupted: the real shift beside the imitated ones. The frame's index is named ``corruption``; ``attrs``
+    hold ``seed`` and ``images``.
     """
     names = list(dict.fromkeys(SHIFT_CORRUPTIONS if corruptions is None else corruptions))
     for name in names:
@@ -69,34 +73,42 @@ def shift_report(
         CORRUPTIONS.get(name)
     if len(frame) == 0:
         raise DataError("nothing to evaluate: the chosen split is empty")
-    classes = list(loaded.classes)
-    unknown = sorted(set(frame["label"].astype(str)) - set(classes))
-    if unknown:
-        raise DataError(f"labels {unknown} are not among the model's classes {classes}")
     frame = frame.reset_index(drop=True)
-    index = {name: i for i, name in enumerate(classes)}
-    y_true = frame["label"].astype(str).map(index).to_numpy(dtype=np.int64)
+    y_true = _true_indices(frame, loaded.classes)
     paths = frame["path"].astype(str).tolist()
-
+    sources = {name: (frame, y_true, None if name == _CLEAN else _CorruptingLoader(paths, name, seed)) for name in [_CLEAN, *names]}
+    for name, rows_of_source in (external or {}).items():
+        rows_of_source = rows_of_source.reset_index(drop=True)
+        sources[f"external: {name}"] = (rows_of_source, _true_indices(rows_of_source, loaded.classes), None)
     rows: dict[str, dict[str, float | None]] = {}
-    for name in [_CLEAN, *names]:
-        loader = None if name == _CLEAN else _CorruptingLoader(paths, name, seed)
-        logits = predict_logits(
-            loaded, frame, batch_size=batch_size, num_workers=num_workers, device=device, image_loader=loader
-        )
-        probabilities = torch.from_numpy(logits).double().softmax(dim=1).numpy()
-        metrics = compute_metrics(y_true, probabilities, classes, target_class=None)
-        rows[name] = {
-            "accuracy": metrics["accuracy"],
-            "balanced_accuracy": metrics["balanced_accuracy"],
-            "auc_macro": metrics["auc_macro"],
-            "mel_vs_nv_auc": _mel_vs_nv_auc(y_true, probabilities, classes),
-        }
+    for name, (part, truth, loader) in sources.items():
+        logits = predict_logits(loaded, part, batch_size=batch_size, num_workers=num_workers, device=device, image_loader=loader)
+        rows[name] = _row(truth, torch.from_numpy(logits).double().softmax(dim=1).numpy(), list(loaded.classes))
     report = pd.DataFrame.from_dict(rows, orient="index", columns=list(SHIFT_METRICS)).astype(object)
     report = report.where(report.notna(), None)
     report.index.name = "corruption"
     report.attrs.update(seed=int(seed), images=len(frame))
     return report
+
+
+def _true_indices(frame: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
+    unknown = sorted(set(frame["label"].astype(str)) - set(classes))
+    if unknown:
+        raise DataError(f"labels {unknown} are not among the model's classes {list(classes)}")
+    if len(frame) == 0:
+        raise DataError("nothing to evaluate: no labelled images")
+    index = {name: i for i, name in enumerate(classes)}
+    return frame["label"].astype(str).map(index).to_numpy(dtype=np.int64)
+
+
+def _row(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict[str, float | None]:
+    metrics = compute_metrics(y_true, probabilities, classes, target_class=None)
+    return {
+        "accuracy": metrics["accuracy"],
+        "balanced_accuracy": metrics["balanced_accuracy"],
+        "auc_macro": metrics["auc_macro"],
+        "mel_vs_nv_auc": _mel_vs_nv_auc(y_true, probabilities, classes),
+    }
 
 
 def _mel_vs_nv_auc(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> float | None:
