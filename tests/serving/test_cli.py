@@ -99,3 +99,13 @@ def test_serve_defaults_to_localhost():
     args = build_parser().parse_args(["serve", "runs/x"])
     assert (args.host, args.port, args.max_upload_mb, args.engine, args.token) == ("127.0.0.1", 8000, 10.0, "torch", None)
     assert callable(args.handler)
+
+
+def test_every_rule_flag_offers_exactly_the_decision_rules() -> None:
+    from dermlab.evaluation.decision import RULES
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if action.dest == "command").choices
+    for name in ("evaluate", "predict", "serve"):
+        rule = next(action for action in commands[name]._actions if action.dest == "rule")
+        assert tuple(rule.choices) == RULES, name

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dermlab.config import Config, EvaluationConfig, apply_overrides, literal_choices, load_config
+from dermlab.config import Config, apply_overrides, load_config
+from dermlab.evaluation.decision import RULES
 
 __all__ = ["add_config_arguments", "resolve_config", "print_metrics_table", "add_behaviour_arguments", "behaviour_options"]
 
@@ -36,7 +37,7 @@ def add_behaviour_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--rule",
-        choices=literal_choices(EvaluationConfig, "decision_rule"),
+        choices=RULES,
         help="decision rule: argmax (accuracy first) or balanced (the run's logit adjustment, fitted on val for "
         "balanced accuracy); default: the run's own (evaluation.decision_rule). Both are reported",
     )
