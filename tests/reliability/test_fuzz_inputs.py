@@ -562,7 +562,7 @@ HOSTILE_CONFIGS = {
     "negative-epochs": ({"train": {"stage2_epochs": -1}}, "train.stage2_epochs must be >= 0"),
     "negative-workers": ({"data": {"num_workers": -2}}, "data.num_workers must be >= 0"),
     "zero-lr": ({"train": {"stage1_lr": 0}}, "train.stage1_lr must be > 0"),
-    "bad-choice": ({"train": {"optimizer": "sgd"}}, "train.optimizer: expected one of"),
+    "bad-choice": ({"train": {"monitor_mode": "up"}}, "train.monitor_mode: expected one of"),
 }
 
 
