@@ -78,7 +78,7 @@ def main() -> int:
     smallest = list(counts.loc["train"].sort_values().index[:SMALLEST_CLASSES])
     pairs = [("default", f"peer-seed{seed}") for seed in args.peer_seeds]
     pairs += [(row["run"], BASELINE_ROW) for row in rows if row["run"].startswith("ref_b_") and row["run"] != BASELINE_ROW]
-    pairs += [("default", BASELINE_ROW)]
+    pairs += [("default", BASELINE_ROW), ("default_bn_trained", "default")]
     paired = side_by_side._paired(pairs)
     targets = _targets(rows)
     _print(rows, list(counts.columns), smallest, paired, targets)
