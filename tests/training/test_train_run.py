@@ -175,10 +175,13 @@ def test_two_process_ddp_on_cpu_gives_a_valid_run_folder(ham_dir: Path, tmp_path
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"val", "test"} <= set(metrics)
     assert load_checkpoint(run).classes == json.loads((run / "classes.json").read_text())
-    # two processes split each epoch: per-rank steps are ceil(ceil(n / 2) / batch), not ceil(n / batch)
+    # two processes split each epoch: per-rank steps are ceil(ceil(n / 2) / batch), not ceil(n / batch), less a
+    # last batch of one image (a training BatchNorm layer cannot normalise it)
     n_train = int((pd.read_csv(run / "splits.csv")["split"] == "train").sum())
+    per_rank = math.ceil(n_train / 2)
+    expected = per_rank // 4 if per_rank % 4 == 1 else math.ceil(per_rank / 4)
     steps = json.loads((run / "checkpoints" / "stage2" / "done.json").read_text())["global_step"]
-    assert steps == math.ceil(math.ceil(n_train / 2) / 4) != math.ceil(n_train / 4)
+    assert steps == expected < math.ceil(n_train / 4)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ augmented batch whichever worker decodes it and whether or not the run was inter
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from dermlab.data.images import read_image
 from dermlab.data.splits import split_rows
 from dermlab.errors import DataError
 
-__all__ = ["ImageDataset", "KeyedSampler", "SeededRandomSampler", "DermDataModule", "draw_seed"]
+__all__ = ["ImageDataset", "KeyedSampler", "SeededRandomSampler", "DermDataModule", "draw_seed", "leaves_a_lone_sample"]
 
 
 def draw_seed(*parts: int) -> int:
@@ -116,6 +117,12 @@ class KeyedSampler(Sampler[tuple[int, int]]):
             yield int(index), draw_seed(self.seed, epoch, position)
 
 
+def leaves_a_lone_sample(samples: int, batch_size: int) -> bool:
+    """Whether an epoch of ``samples`` in batches of ``batch_size`` ends with a batch of one image, which a
+    training BatchNorm layer cannot normalise (a 1x1 map of one image has no variance): that batch is dropped."""
+    return samples > 1 and samples % batch_size == 1
+
+
 class DermDataModule(L.LightningDataModule):
     """Train / val / test loaders over a dataset frame that carries a ``split`` column."""
 
@@ -151,7 +158,7 @@ class DermDataModule(L.LightningDataModule):
     def split_frame(self, split: str) -> pd.DataFrame:
         return split_rows(self.frame, split)
 
-    def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler | None = None, drop_last: bool = False) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -160,7 +167,7 @@ class DermDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            drop_last=False,
+            drop_last=drop_last,
         )
 
     def _dataset(self, split: str, transform: Callable[[Any], torch.Tensor]) -> ImageDataset:
@@ -171,7 +178,10 @@ class DermDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self._dataset("train", self.train_transform)
         base = self.train_sampler or SeededRandomSampler(len(dataset), seed=self.seed)
-        return self._loader(dataset, self.batch_size, KeyedSampler(base, seed=self.seed))
+        sampler = KeyedSampler(base, seed=self.seed)
+        world = int(getattr(self.trainer, "world_size", 1) or 1) if self.trainer is not None else 1
+        per_process = math.ceil(len(sampler) / world)  # Lightning's distributed sampler pads to equal shares
+        return self._loader(dataset, self.batch_size, sampler, drop_last=leaves_a_lone_sample(per_process, self.batch_size))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("val", self.eval_transform), self.eval_batch_size)

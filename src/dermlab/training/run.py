@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from dermlab.config import Config, save_config
 from dermlab.data.cache import create_image_loader
-from dermlab.data.datamodule import DermDataModule
+from dermlab.data.datamodule import DermDataModule, leaves_a_lone_sample
 from dermlab.data.metadata import encode_metadata
 from dermlab.data.preprocessing import Preprocessing
 from dermlab.data.run_data import RunData, prepare_run_data
@@ -364,7 +364,7 @@ def _feature_loaders(config: Config, splits: dict[str, tuple], batch_size: int, 
     train_dataset = FeatureDataset(train_features, train_labels, metadata=_fusion_metadata(config, train_frame, train_keep))
     if wrap_train is not None:
         train_dataset = wrap_train(train_dataset)
-    train_loader = DataLoader(train_dataset, batch_size=batch_size, sampler=sampler)
+    train_loader = DataLoader(train_dataset, batch_size=batch_size, sampler=sampler, drop_last=leaves_a_lone_sample(len(sampler), batch_size))
     val_metadata = _fusion_metadata(config, splits["val"][2], splits["val"][3])
     val_loader = DataLoader(FeatureDataset(*splits["val"][:2], metadata=val_metadata), batch_size=config.data.eval_batch_size)
     return train_loader, val_loader
