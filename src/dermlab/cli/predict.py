@@ -129,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
 def _print_familiarity(predictor: Any, results: list) -> None:
     """The dataset-level shift verdict of the predicted images (a model with feature statistics, 2+ images)."""
     if predictor.statistics is None:
-        print("note: this model has no feature statistics (trained before they existed, or without a train and val "
-              "split): no check of how familiar these images are", file=sys.stderr)
+        print("note: this model has no feature statistics (an ensemble, an adabn/tent adaptation, a run trained before "
+              "they existed or without a train and val split): no check of how familiar these images are", file=sys.stderr)
         return
     if len(results) >= 2:
         import numpy as np
