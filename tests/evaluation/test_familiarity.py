@@ -139,3 +139,19 @@ def test_the_shift_score_of_a_colour_shifted_image_set_exceeds_a_held_out_clean_
     assert shifted.shift_score > 3 * clean.shift_score
     assert shifted.unusual_share > clean.unusual_share
     assert shifted.warning is not None and clean.warning is None
+
+
+def test_a_set_whose_features_moved_together_is_flagged_by_its_shift_score_though_few_images_are_unusual(
+    statistics: FeatureStatistics,
+) -> None:
+    """Every image a little off along the main axis: per image hardly unusual, as a set clearly shifted."""
+    sizes, thresholds = statistics.threshold_sizes, statistics.threshold_scores
+    assert sizes == tuple(sorted(sizes)) and all(a >= b for a, b in zip(thresholds, thresholds[1:]))
+    assert statistics.shift_threshold(sizes[0] - 1) is None
+    train = _gaussian(600, seed=1)
+    _, singular, axes = np.linalg.svd(train - train.mean(axis=0), full_matrices=False)
+    along_main_axis = axes[0] * singular[0] / np.sqrt(len(train) - 1)  # one standard deviation
+    clean, moved = statistics.shift(_gaussian(200, seed=220)), statistics.shift(_gaussian(200, seed=220) + along_main_axis)
+    assert clean.warning is None
+    assert moved.unusual_share < 0.06 and moved.shift_score > statistics.shift_threshold(200)
+    assert moved.warning is not None and "distributed unlike" in moved.warning and "unusual where" not in moved.warning

@@ -13,7 +13,9 @@ source gets. From them:
   training source, whatever their number), and the *shift score*: the Frechet distance between a Gaussian fitted
   to the given images' features and the training features' Gaussian, in the whitened space of the training
   features' top principal axes, per axis (0 = the same statistics). A warning in plain words is raised when the
-  unusual share is clearly above 5% (a one-sided binomial test at 1%).
+  unusual share is clearly above 5% (a one-sided binomial test at 1%), or when the shift score is above what
+  random sets of the model's own val images of that size reach one time in a hundred (the score of a small set
+  is larger by chance: the thresholds are measured per set size when the statistics are fitted).
 
 The covariance keeps its top ``components`` axes; the remaining variance is spread evenly over the other axes
 (a probabilistic-PCA form), which keeps the distance defined when there are fewer images than features.
@@ -86,6 +88,9 @@ class FeatureStatistics:
     unusual_distance: float  # the UNUSUAL_QUANTILE of the val split's distances
     reference_shift_score: float  # the val split's shift score
     images: int  # training images fitted on
+    # the 99th percentile of the shift score of random val subsets, per subset size (empty: no score warning)
+    threshold_sizes: tuple[int, ...] = ()
+    threshold_scores: tuple[float, ...] = ()
 
     @property
     def num_features(self) -> int:
@@ -112,6 +117,14 @@ class FeatureStatistics:
         frechet = float((mean**2).sum() + covariance.trace() + axes - 2 * roots.sum())
         return max(frechet, 0.0) / axes
 
+    def shift_threshold(self, count: int) -> float | None:
+        """The shift score that ``count`` of the model's own val images exceed one time in a hundred
+        (interpolated over the set sizes measured; None below the smallest, or without thresholds)."""
+        if not self.threshold_sizes or count < self.threshold_sizes[0]:
+            return None
+        sizes = np.log(np.asarray(self.threshold_sizes, dtype=np.float64))
+        return float(np.interp(np.log(count), sizes, np.asarray(self.threshold_scores, dtype=np.float64)))
+
     def shift(self, features: torch.Tensor | np.ndarray) -> ShiftVerdict:
         """The dataset-level verdict on the images whose pooled features ``(N, F)`` are given (N >= 2)."""
         distances = self.distance(features)
@@ -120,12 +133,19 @@ class FeatureStatistics:
         expected = 1.0 - UNUSUAL_QUANTILE
         share = unusual / count if count else 0.0
         score = self.shift_score(features)
-        warning = None
+        threshold = self.shift_threshold(count)
+        reasons = []
         if count and _binomial_upper_tail(unusual, count, expected) < _WARNING_LEVEL:
+            reasons.append(f"{share:.0%} of them are unusual where about {expected:.0%} is normal")
+        if threshold is not None and score > threshold:
+            reasons.append(f"their features are distributed unlike the training images' (shift score {score:.2f}, where "
+                           f"{count} of its own validation images stay below {threshold:.2f} 99 times in 100)")
+        warning = None
+        if reasons:
             warning = (
-                f"these images are unlike the ones this model was trained on ({share:.0%} unusual where about "
-                f"{expected:.0%} is normal): another clinic, camera or population. Its figures from its own test "
-                "split do not apply here; check it on labelled images of this source before relying on it"
+                f"these images are unlike the ones this model was trained on ({'; '.join(reasons)}): another clinic, "
+                "camera or population. Its figures from its own test split do not apply here; check it on labelled "
+                "images of this source before relying on it"
             )
         return ShiftVerdict(count, share, expected, score, self.reference_shift_score, warning)
 
@@ -139,6 +159,8 @@ class FeatureStatistics:
             "unusual_distance": float(self.unusual_distance),
             "reference_shift_score": float(self.reference_shift_score),
             "images": int(self.images),
+            "threshold_sizes": [int(size) for size in self.threshold_sizes],
+            "threshold_scores": [float(score) for score in self.threshold_scores],
         }
 
     @classmethod
@@ -152,6 +174,8 @@ class FeatureStatistics:
                 unusual_distance=float(data["unusual_distance"]),
                 reference_shift_score=float(data["reference_shift_score"]),
                 images=int(data["images"]),
+                threshold_sizes=tuple(int(size) for size in np.asarray(data.get("threshold_sizes", ())).ravel()),
+                threshold_scores=tuple(float(score) for score in np.asarray(data.get("threshold_scores", ())).ravel()),
             )
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{source}: damaged feature statistics ({error!r})") from None
@@ -161,6 +185,8 @@ class FeatureStatistics:
                                   f"for {features} features and {axes} axes)")
         if not (statistics.residual_variance > 0 and bool((statistics.eigenvalues > 0).all())):
             raise CheckpointError(f"{source}: damaged feature statistics (variances must be > 0)")
+        if len(statistics.threshold_sizes) != len(statistics.threshold_scores) or list(statistics.threshold_sizes) != sorted(set(statistics.threshold_sizes)):
+            raise CheckpointError(f"{source}: damaged feature statistics (shift thresholds)")
         return statistics
 
 
@@ -192,7 +218,25 @@ def fit_feature_statistics(
         raise DataError(f"feature statistics need at least 2 validation images, got {val.shape[0]}")
     unusual = float(np.quantile(provisional.distance(val), UNUSUAL_QUANTILE))
     reference = provisional.shift_score(val)
-    return FeatureStatistics(mean.float(), right[:keep].T.contiguous().float(), eigenvalues.float(), residual, unusual, reference, count)
+    sizes, thresholds = _shift_thresholds(provisional, val)
+    return FeatureStatistics(mean.float(), right[:keep].T.contiguous().float(), eigenvalues.float(), residual, unusual,
+                             reference, count, sizes, thresholds)
+
+
+#: Set sizes at which the shift score of random val subsets is measured (those up to half the val split).
+_THRESHOLD_SIZES = (10, 20, 50, 100, 200, 500, 1000, 2000)
+_THRESHOLD_DRAWS = 200
+
+
+def _shift_thresholds(statistics: FeatureStatistics, val: torch.Tensor) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The 99th percentile of the shift score of random val subsets (without replacement, seed 0) per size."""
+    generator = torch.Generator().manual_seed(0)
+    sizes, scores = [], []
+    for size in (s for s in _THRESHOLD_SIZES if s <= val.shape[0] // 2):
+        draws = [statistics.shift_score(val[torch.randperm(val.shape[0], generator=generator)[:size]]) for _ in range(_THRESHOLD_DRAWS)]
+        sizes.append(size)
+        scores.append(float(np.quantile(draws, 0.99)))
+    return tuple(sizes), tuple(np.maximum.accumulate(np.asarray(scores)[::-1])[::-1].tolist())  # never rising with size
 
 
 def has_one_backbone(model: nn.Module) -> bool:
