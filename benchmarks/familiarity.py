@@ -87,7 +87,8 @@ def _measure(run: Path, args: argparse.Namespace) -> dict[str, Any]:
         statistics = fit_feature_statistics(train_features, outputs["val"][1], loaded.config.evaluation.feature_components)
     distances = {name: statistics.distance(features) for name, (_, features) in outputs.items()}
     detection = _detection(outputs, distances, behaviour.temperature, args.resamples)
-    sets = {name: statistics.shift(outputs[name][1]).to_dict() for name in ("test", "external")}
+    sets = {name: {**statistics.shift(outputs[name][1]).to_dict(), "threshold": statistics.shift_threshold(len(outputs[name][1]))}
+            for name in ("test", "external")}
     truth = {"test": data.rows("test")["label"].to_numpy(), "external": external["label"].to_numpy()}
     rules = _rules(loaded, behaviour, outputs, statistics, truth, args.target)
     return {"statistics_fitted_here": fitted_here, "views": list(behaviour.views), "train_images": statistics.images,
@@ -163,9 +164,10 @@ def _print(results: dict[str, Any], args: argparse.Namespace) -> None:
         )
         print_table(
             f"{run}: per set",
-            [[name, f"{s['unusual_share']:.3f}", f"{s['shift_score']:.2f} (val {s['reference_shift_score']:.2f})",
-              "yes" if s["warning"] else "no"] for name, s in result["sets"].items()],
-            ["images", "unusual share (expected 0.05)", "shift score", "warning"],
+            [[name, f"{s['unusual_share']:.3f}", f"{s['shift_score']:.3f} (val {s['reference_shift_score']:.3f})",
+              f"{s['threshold']:.3f}" if s["threshold"] is not None else "-", "yes" if s["warning"] else "no"]
+             for name, s in result["sets"].items()],
+            ["images", "unusual share (expected 0.05)", "shift score", "1-in-100 threshold at this size", "warning"],
         )
         target = args.target
         print_table(
