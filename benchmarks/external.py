@@ -57,9 +57,11 @@ def main() -> int:
         checks[run.name] = {method: _refused_or(lambda: _in_distribution_check(run, method, args)) for method in METHODS[1:]}
     scored = [r for r in rows if "refused" not in r]
     target = scored[0]["target"] if scored else "target"
+    args.runs, args.external = [str(run) for run in args.runs], str(args.external)  # plain data for the JSON
+    write_results("external", args, {"rows": rows, "in_distribution": checks})  # before printing: never lose the figures
     print_table(
         f"external: {args.external} (softmax restricted to the classes present; 95% intervals over images)",
-        [[r["run"], r["method"], "refused: " + r["refused"]] if "refused" in r else
+        [[r["run"], r["method"], "refused: " + r["refused"][:60], "", "", "", "", ""] if "refused" in r else
          [r["run"], r["method"], _cell(r, "accuracy"), _cell(r, "balanced_accuracy"), _cell(r, "auc"),
           f"{r['target_recall']:.3f} ({r['rule']})", "  ".join(f"{k} {v:.3f}" for k, v in r["target_recall_by_rule"].items()),
           f"{r['uncertain']:.3f}"] for r in rows],
@@ -67,13 +69,11 @@ def main() -> int:
     )
     print_table(
         "in distribution: each method adapted on the run's own test images, test split before -> after",
-        [[name, method, "refused"] if "refused" in c else
+        [[name, method, "refused", "", ""] if "refused" in c else
          [name, method, *(f"{c['before'][k]:.3f} -> {c['after'][k]:.3f} ({c['after'][k] - c['before'][k]:+.3f})" for k in ("accuracy", "balanced_accuracy", "auc_macro"))]
          for name, by_method in checks.items() for method, c in by_method.items()],
         ["run", "method", "accuracy", "balanced accuracy", "macro AUC"],
     )
-    args.runs, args.external = [str(run) for run in args.runs], str(args.external)  # plain data for the JSON
-    write_results("external", args, {"rows": rows, "in_distribution": checks})
     return 0
 
 
