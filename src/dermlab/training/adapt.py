@@ -15,7 +15,8 @@ Methods (:data:`ADAPTATION_METHODS`):
 The result is an ordinary run folder: ``config.yaml``, ``classes.json`` and ``splits.csv`` of the source run,
 ``checkpoints/best.ckpt`` with the adapted weights and the source's temperature, abstention, decision rule and
 TTA views (after ``adabn`` or ``tent`` not its feature statistics, which describe the source network's features:
-the adapted run gives no familiarity warning, and a run whose abstention rule uses ``mahalanobis`` is refused), and ``lineage.json`` (source run, method, how many target images, their digest). Labels are never
+the adapted run gives no familiarity warning, and a run whose abstention rule uses ``mahalanobis`` is refused),
+and ``lineage.json`` (source run, method, how many target images, their digest). Labels are never
 read: a folder of class sub-folders is just a folder of images here.
 """
 
@@ -203,7 +204,8 @@ def _refuse_untrained_statistics(loaded: LoadedModel, method: str) -> None:
             f"{loaded.path}: its BatchNorm statistics were never trained (frozen as loaded: train.frozen_batchnorm, "
             f"or a run trained before dermlab set train mode at each epoch), so its layers learned around the "
             f"pretrained statistics and {method} would replace them (measured: in-distribution accuracy 0.826 -> "
-            "0.678); use --method prior, or retrain with train.frozen_batchnorm=false"
+            "0.678); retrain with train.frozen_batchnorm=false to adapt its statistics (--method prior, which moves "
+            "only the head's bias, is allowed)"
         )
 
 
