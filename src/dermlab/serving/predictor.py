@@ -506,20 +506,20 @@ class OnnxPredictor(Predictor):
     def can_explain(self) -> bool:
         return False
 
-    def _logits(self, batch: torch.Tensor, metadata: torch.Tensor | None) -> torch.Tensor:
+    def _feeds(self, batch: torch.Tensor, metadata: torch.Tensor | None) -> dict[str, np.ndarray]:
         feeds = {self._input_name: np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)}
         if self._metadata_input is not None and metadata is not None:
             feeds[self._metadata_input] = np.ascontiguousarray(metadata.detach().cpu().numpy(), dtype=np.float32)
-        logits = self._session.run(None, feeds)[0]
+        return feeds
+
+    def _logits(self, batch: torch.Tensor, metadata: torch.Tensor | None) -> torch.Tensor:
+        logits = self._session.run(None, self._feeds(batch, metadata))[0]
         return torch.from_numpy(np.asarray(logits, dtype=np.float32))
 
     def _logits_and_features(self, batch: torch.Tensor, metadata: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self._features_output is None:
             raise CheckpointError(f"{self.path}: this ONNX export has no features output (exported without feature statistics)")
-        feeds = {self._input_name: np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)}
-        if self._metadata_input is not None and metadata is not None:
-            feeds[self._metadata_input] = np.ascontiguousarray(metadata.detach().cpu().numpy(), dtype=np.float32)
-        logits, features = self._session.run(["logits", self._features_output], feeds)
+        logits, features = self._session.run(["logits", self._features_output], self._feeds(batch, metadata))
         return torch.from_numpy(np.asarray(logits, dtype=np.float32)), torch.from_numpy(np.asarray(features, dtype=np.float32))
 
     def explain(self, image: Image.Image, target: str | int | None = None, method: str = "gradcam") -> bytes:
