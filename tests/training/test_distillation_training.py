@@ -25,7 +25,8 @@ from dermlab.models.factory import DermClassifier, create_model, resolve_preproc
 from dermlab.training.class_groups import group_classes_by_count
 from dermlab.training.distillation import CHECKPOINT_KEY, Distillation, DistillationTerm, expert_weight
 from dermlab.training.experts import read_experts, train_experts
-from dermlab.training.features import FeatureDataset, compute_features
+from dermlab.data.datamodule import FeatureDataset
+from dermlab.training.features import compute_features
 from dermlab.training.module import ClassifierModule
 from dermlab.training.run import train_run
 from dermlab.training.teachers import Teacher, TeacherBank, convert_normalisation, load_teachers
@@ -425,11 +426,10 @@ def test_class_subset_keeps_only_the_subsets_images(skewed_dir: Path, tmp_path: 
 @pytest.mark.slow
 def test_experts_see_only_their_groups_images(skewed_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import dermlab.data.datamodule as datamodule
-    import dermlab.training.run as run
 
     seen: list[tuple[str, list]] = []
 
-    class RecordingFeatures(run.FeatureDataset):
+    class RecordingFeatures(datamodule.FeatureDataset):
         def __init__(self, features, labels, *args, **kwargs):
             super().__init__(features, labels, *args, **kwargs)
             seen.append(("features", [features.shape[1], list(labels)]))
@@ -439,7 +439,7 @@ def test_experts_see_only_their_groups_images(skewed_dir: Path, tmp_path: Path, 
             super().__init__(frame, classes, transform, *args, **kwargs)
             seen.append(("images", list(frame["path"])))
 
-    monkeypatch.setattr(run, "FeatureDataset", RecordingFeatures)
+    monkeypatch.setattr(datamodule, "FeatureDataset", RecordingFeatures)
     monkeypatch.setattr(datamodule, "ImageDataset", RecordingImages)
     base = apply_overrides(Config(), [f"data.path={skewed_dir}", *TINY, "train.stage1_epochs=1", "train.stage2_epochs=1",
                                       f"data.cache_dir={tmp_path / 'cache'}", "data.augmentation=none"])

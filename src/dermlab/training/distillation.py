@@ -49,7 +49,8 @@ from dermlab.errors import ConfigError
 from dermlab.losses.distillation import group_sample_masks, lfme_loss
 from dermlab.models.checkpoint import resolve_checkpoint_path
 from dermlab.training.curriculum import curriculum_ramp, instance_weights
-from dermlab.training.features import FeatureDataset, compute_features, load_or_compute_features
+from dermlab.data.datamodule import FeatureDataset
+from dermlab.training.features import compute_features, load_or_compute_features
 from dermlab.training.module import ClassifierModule, LossTerm, TermStep
 from dermlab.training.teachers import (
     TeacherBank,

@@ -1,7 +1,8 @@
 """Stage 1 from cached features: with the backbone frozen, its pooled features are computed once.
 
 Exact when augmentation is off (one view); otherwise ``views`` augmented views per training image are cached
-and the epochs cycle through them, so stage 1 costs ``views`` backbone passes instead of one per epoch.
+and the epochs cycle through them, so stage 1 costs ``views`` backbone passes instead of one per epoch. The
+loaders over the cached outputs are the data's: :class:`dermlab.data.datamodule.FeatureDataModule`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from dermlab.data.datamodule import ImageDataset, KeyedSampler, draw_seed
 from dermlab.io import atomic_save
 from dermlab.training.progress import step_progress
 
-__all__ = ["compute_features", "feature_cache_key", "load_or_compute_features", "weights_fingerprint", "FeatureDataset", "ViewCyclingSampler"]
+__all__ = ["compute_features", "feature_cache_key", "load_or_compute_features", "weights_fingerprint"]
 
 
 @torch.inference_mode()
@@ -129,55 +130,3 @@ def load_or_compute_features(cache_dir: Path, key_parts: dict[str, Any], compute
     features = compute()
     atomic_save(path, lambda tmp: torch.save({"features": features}, tmp))
     return features
-
-
-class FeatureDataset(Dataset):
-    """``(features, label)`` pairs over a ``(views, N, F)`` tensor, indexed flat as ``view * N + i``.
-
-    With ``metadata`` (``(N, D)``, for metadata fusion) items are ``((features, metadata_row), label)``.
-    """
-
-    def __init__(self, features: torch.Tensor, labels: Sequence[int], metadata: torch.Tensor | None = None) -> None:
-        if features.dim() == 2:
-            features = features.unsqueeze(0)
-        self.features = features
-        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
-        self.num_items = features.shape[1]
-        self.metadata = metadata
-
-    def __len__(self) -> int:
-        return self.features.shape[0] * self.num_items
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        view, item = divmod(int(index), self.num_items)
-        if self.metadata is not None:
-            return (self.features[view, item], self.metadata[item]), self.labels[item]  # type: ignore[return-value]
-        return self.features[view, item], self.labels[item]
-
-
-class ViewCyclingSampler(Sampler[int]):
-    """Epoch ``e`` draws the images of ``base`` (or a seeded permutation) in view ``e % views``."""
-
-    def __init__(self, num_items: int, views: int, seed: int = 0, base: Sampler[int] | None = None) -> None:
-        self.num_items = num_items
-        self.views = views
-        self.seed = seed
-        self.base = base
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if self.base is not None and hasattr(self.base, "set_epoch"):
-            self.base.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.base) if self.base is not None else self.num_items  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[int]:
-        offset = (self.epoch % self.views) * self.num_items
-        if self.base is not None:
-            order = list(self.base)
-        else:
-            generator = torch.Generator().manual_seed(draw_seed(self.seed, 3, self.epoch))
-            order = torch.randperm(self.num_items, generator=generator).tolist()
-        return iter([offset + int(i) for i in order])

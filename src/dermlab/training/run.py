@@ -21,16 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import pandas as pd
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
-from torch.utils.data import DataLoader
 
 from dermlab.config import Config, save_config
 from dermlab.data.cache import create_image_loader
-from dermlab.data.datamodule import DermDataModule, leaves_a_lone_sample
+from dermlab.data.datamodule import CachedSplit, DermDataModule, FeatureDataModule
 from dermlab.data.metadata import encode_metadata
 from dermlab.data.preprocessing import Preprocessing
 from dermlab.data.run_data import RunData, prepare_run_data
@@ -42,19 +40,18 @@ from dermlab.losses import create_loss
 from dermlab.models.checkpoint import checkpoint_metadata
 from dermlab.models.classifier import DermClassifier
 from dermlab.models.factory import create_model, resolve_preprocessing
-from dermlab.models.freezing import freeze_backbone, freeze_batchnorm_statistics, unfreeze_last_blocks
+from dermlab.models.freezing import (
+    freeze_backbone,
+    freeze_batchnorm_statistics,
+    set_frozen_batchnorm_eval,
+    unfreeze_last_blocks,
+)
 from dermlab.training.checkpoint_io import AtomicCheckpointIO, LastCheckpoint, remove_stale_temporaries
 from dermlab.training.checks import check_combinations, check_names
 from dermlab.training.curriculum import create_curriculum_sampler
 from dermlab.training.distillation import Distillation, create_distillation, distillation_summary
 from dermlab.training.ema import RunSizedEMA
-from dermlab.training.features import (
-    FeatureDataset,
-    ViewCyclingSampler,
-    compute_features,
-    feature_cache_key,
-    load_or_compute_features,
-)
+from dermlab.training.features import compute_features, feature_cache_key, load_or_compute_features
 from dermlab.training.loggers import AppendingCSVLogger
 from dermlab.training.module import ClassifierModule
 from dermlab.training.progress import progress_mode, show_bars, stage_progress_callbacks
@@ -143,11 +140,13 @@ def train_run(config: Config, run_dir: str | Path, resume: bool = False) -> Trai
             unfreeze_last_blocks(parts.model, stage.unfreeze)
             if stage.frozen_batchnorm:
                 freeze_batchnorm_statistics(parts.model)
+        parts.model.train()  # the modes the stage trains in: Lightning keeps the ones it finds when fit starts
+        set_frozen_batchnorm_eval(parts.model)
         done = _stage_done(stage_dir)
         if done is None:
-            module, fit_inputs, callbacks = STAGE_BUILDERS[stage.inputs](stage, parts)
+            module, datamodule, callbacks = STAGE_BUILDERS[stage.inputs](stage, parts)
             trainer = _make_trainer(config, stage_dir, stage.epochs, parts.loggers, callbacks)
-            trainer.fit(module, **fit_inputs, ckpt_path=_resume_path(stage_dir, resume))
+            trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(stage_dir, resume))
             done = _finish_stage(trainer, stage_dir)
         if done.get("best_score") is not None:
             best_candidates.append((done["best_score"], Path(done["best_path"])))
@@ -226,7 +225,7 @@ def _run_parts(config: Config, run_dir: Path, data: RunData) -> _RunParts:
 
 
 # --------------------------------------------------------------------------------------------- stage inputs
-StageBuild = tuple[ClassifierModule, dict[str, Any], list]
+StageBuild = tuple[ClassifierModule, L.LightningDataModule, list]  # the module, its data, its callbacks
 
 
 def _pixel_stage(stage: Stage, parts: _RunParts) -> StageBuild:
@@ -235,25 +234,23 @@ def _pixel_stage(stage: Stage, parts: _RunParts) -> StageBuild:
     module = _training_module(parts, lr=stage.lr, **options, **_mixing(parts.config, stage.mixing, len(parts.data.classes)))
     datamodule = _datamodule(parts, stage.batch_size, epoch_offset=stage.epoch_offset)
     callbacks = [RunSizedEMA(stage.ema_half_life)] if stage.ema else []
-    return module, {"datamodule": datamodule}, callbacks
+    return module, datamodule, callbacks
 
 
 def _feature_stage(stage: Stage, parts: _RunParts) -> StageBuild:
     """The linear probe on cached pooled features (``stage.views`` augmented views per training image)."""
-    splits = _cached_splits(parts, stage.views)
+    train, val = _cached_splits(parts, stage.views)
     wrap = None
     if parts.distill is not None:
-        _, _, train_frame, train_keep = splits["train"]
 
         def wrap(dataset):
             return parts.distill.feature_dataset(
-                dataset, splits["val"][:2], frame=train_frame, keep=train_keep, transform=parts.train_transform, views=stage.views
+                dataset, (val.features, val.labels), frame=train.frame, keep=train.keep, transform=parts.train_transform, views=stage.views
             )
 
-    train_loader, val_loader = _feature_loaders(parts.config, splits, stage.batch_size, wrap_train=wrap)
     mixing = _mixing(parts.config, stage.mixing, len(parts.data.classes))  # Mixup of the pooled features
     module = _training_module(parts, lr=stage.lr, features_input=True, frozen_backbone=True, **mixing)
-    return module, {"train_dataloaders": train_loader, "val_dataloaders": val_loader}, []
+    return module, _feature_datamodule(parts, train, val, stage.batch_size, wrap_train=wrap), []
 
 
 def _trunk_stage(stage: Stage, parts: _RunParts) -> StageBuild:
@@ -264,14 +261,14 @@ def _trunk_stage(stage: Stage, parts: _RunParts) -> StageBuild:
     split = split_frozen_trunk(model)
     was_training = model.training
     model.eval()  # the trunk is frozen: BatchNorm statistics and dropout off while its outputs are cached
-    splits = _cached_splits(parts, stage.views, forward=split.trunk, cut=split.index)
+    train, val = _cached_splits(parts, stage.views, forward=split.trunk, cut=split.index)
     model.train(was_training)
-    train_loader, val_loader = _feature_loaders(parts.config, splits, stage.batch_size, epoch_offset=stage.epoch_offset)
     module = ClassifierModule(
         model, parts.loss, parts.data.classes, lr=stage.lr, epoch_offset=stage.epoch_offset,
         feature_fn=split.tail, **parts.module_kwargs, **_mixing(parts.config, stage.mixing, len(parts.data.classes)),
     )
-    return module, {"train_dataloaders": train_loader, "val_dataloaders": val_loader}, []
+    datamodule = _feature_datamodule(parts, train, val, stage.batch_size, epoch_offset=stage.epoch_offset)
+    return module, datamodule, []
 
 
 #: a stage's input kind (:data:`dermlab.training.stages.STAGE_INPUTS`) -> what builds its module, inputs and callbacks
@@ -296,11 +293,15 @@ def _training_module(parts: _RunParts, **kwargs: Any) -> ClassifierModule:
     return ClassifierModule(parts.model, parts.loss, parts.data.classes, term=term, **kwargs, **parts.module_kwargs)
 
 
+def _train_sampler(parts: _RunParts, labels: list[int], epoch_offset: int) -> Any:
+    """The run's sampler (``data.sampler``) over the training labels, under its curriculum when it has one."""
+    config = parts.config
+    sampler = create_sampler(labels, config.data.sampler, seed=config.train.seed)
+    return create_curriculum_sampler(config, labels, sampler, epoch_offset=epoch_offset)
+
+
 def _datamodule(parts: _RunParts, batch_size: int, epoch_offset: int = 0) -> DermDataModule:
     config, data = parts.config, parts.data
-    train_labels = data.labels("train")
-    sampler = create_sampler(train_labels, config.data.sampler, seed=config.train.seed)
-    sampler = create_curriculum_sampler(config, train_labels, sampler, epoch_offset=epoch_offset)
     return DermDataModule(
         data.frame,
         data.classes,
@@ -310,7 +311,7 @@ def _datamodule(parts: _RunParts, batch_size: int, epoch_offset: int = 0) -> Der
         eval_batch_size=config.data.eval_batch_size,
         num_workers=config.data.num_workers,
         seed=config.train.seed,
-        train_sampler=sampler,
+        train_sampler=_train_sampler(parts, data.labels("train"), epoch_offset),
         pin_memory=torch.cuda.is_available(),
         # data.cache_dir: images decoded and resized once (for every split), then read from a memory map
         image_loader=create_image_loader(
@@ -320,12 +321,29 @@ def _datamodule(parts: _RunParts, batch_size: int, epoch_offset: int = 0) -> Der
     )
 
 
-def _cached_splits(parts: _RunParts, views: int, forward: Any = None, cut: int | None = None) -> dict[str, tuple]:
+def _feature_datamodule(
+    parts: _RunParts, train: CachedSplit, val: CachedSplit, batch_size: int, epoch_offset: int = 0, wrap_train: Any = None
+) -> FeatureDataModule:
+    """The loaders over cached outputs, drawing the training images as the pixel stages do (sampler, curriculum)."""
+    config = parts.config
+    return FeatureDataModule(
+        train,
+        val,
+        batch_size=batch_size,
+        eval_batch_size=config.data.eval_batch_size,
+        seed=config.train.seed,
+        train_sampler=_train_sampler(parts, train.labels, epoch_offset),
+        metadata_encoder=encode_metadata if config.model.metadata_fusion else None,
+        wrap_train=wrap_train,
+    )
+
+
+def _cached_splits(parts: _RunParts, views: int, forward: Any = None, cut: int | None = None) -> tuple[CachedSplit, CachedSplit]:
     """Backbone outputs of the train (``views`` augmented views) and val images, from the cache or computed.
 
     Pooled features by default; with ``forward`` (a frozen trunk cut before module ``cut``) its output maps,
     stored as float16. The cache key holds the transform's every step and parameter, so an edited augmentation
-    preset never reuses stale features. Returns ``{split: (features, labels, frame, keep)}``.
+    preset never reuses stale features.
     """
     config, data, model = parts.config, parts.data, parts.model
     device = "cuda" if torch.cuda.is_available() and config.train.accelerator in ("auto", "gpu", "cuda") else "cpu"
@@ -333,7 +351,7 @@ def _cached_splits(parts: _RunParts, views: int, forward: Any = None, cut: int |
     source, source_classes = (data.frame, data.classes) if data.unfiltered is None else (data.unfiltered, data.table.classes)
     if config.train.channels_last:  # as the trainer will: NHWC convolutions are faster on CPU and GPU
         model.to(memory_format=torch.channels_last)
-    splits = {}
+    splits = []
     for split, transform, n_views in (("train", parts.train_transform, views), ("val", parts.eval_transform, 1)):
         frame = split_rows(source, split)
         key = feature_cache_key(config, parts.preprocessing, transform, n_views, frame, model, trunk_cut=cut)
@@ -351,28 +369,8 @@ def _cached_splits(parts: _RunParts, views: int, forward: Any = None, cut: int |
         if not keep.all():
             features = features[:, torch.tensor(keep)]
         labels = [data.class_index[label] for label in frame["label"][keep]]
-        splits[split] = (features, labels, frame, keep)
-    return splits
-
-
-def _feature_loaders(config: Config, splits: dict[str, tuple], batch_size: int, epoch_offset: int = 0, wrap_train: Any = None) -> tuple[DataLoader, DataLoader]:
-    """Train loader cycling the cached views (with the run's sampler and curriculum) and the val loader."""
-    train_features, train_labels, train_frame, train_keep = splits["train"]
-    base = create_sampler(train_labels, config.data.sampler, seed=config.train.seed)
-    base = create_curriculum_sampler(config, train_labels, base, epoch_offset=epoch_offset)
-    sampler = ViewCyclingSampler(len(train_labels), train_features.shape[0], seed=config.train.seed, base=base)
-    train_dataset = FeatureDataset(train_features, train_labels, metadata=_fusion_metadata(config, train_frame, train_keep))
-    if wrap_train is not None:
-        train_dataset = wrap_train(train_dataset)
-    train_loader = DataLoader(train_dataset, batch_size=batch_size, sampler=sampler, drop_last=leaves_a_lone_sample(len(sampler), batch_size))
-    val_metadata = _fusion_metadata(config, splits["val"][2], splits["val"][3])
-    val_loader = DataLoader(FeatureDataset(*splits["val"][:2], metadata=val_metadata), batch_size=config.data.eval_batch_size)
-    return train_loader, val_loader
-
-
-def _fusion_metadata(config: Config, frame: pd.DataFrame, keep: Any) -> torch.Tensor | None:
-    """Encoded metadata of the kept rows of ``frame`` for metadata fusion; None when fusion is off."""
-    return encode_metadata(frame[keep].reset_index(drop=True)) if config.model.metadata_fusion else None
+        splits.append(CachedSplit(features, labels, frame, keep))
+    return splits[0], splits[1]
 
 
 # --------------------------------------------------------------------------------------------- trainer and stages

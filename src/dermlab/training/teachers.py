@@ -24,7 +24,7 @@ from dermlab.data.preprocessing import Preprocessing
 from dermlab.errors import ConfigError
 from dermlab.models.checkpoint import load_checkpoint
 from dermlab.models.classifier import uses_metadata
-from dermlab.training.features import FeatureDataset
+from dermlab.data.datamodule import FeatureDataset
 
 __all__ = [
     "convert_normalisation",
