@@ -37,12 +37,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_common_arguments, dataset_table, print_table, write_results  # noqa: E402
 
-from dermlab.data.duplicates import (  # noqa: E402
-    close_hash_pairs,
-    colour_differences,
-    compute_image_hashes,
-    hash_images,
-)
+from dermlab.data.duplicates import close_hash_pairs, colour_differences  # noqa: E402
+from dermlab.data.image_hashes import compute_image_hashes, hash_images  # noqa: E402
 from dermlab.data.images import read_image  # noqa: E402
 
 COPIES: dict[str, Callable[[Image.Image], Image.Image]] = {}

@@ -16,18 +16,15 @@ from dermlab.cli import main
 from dermlab.config import Config, DataConfig, apply_overrides
 from dermlab.data.datasets import load_dataset
 from dermlab.data.duplicates import (
-    DIHEDRAL_TRANSPOSES,
     EXCLUDED_FILE,
-    compute_image_hashes,
     copies_of_run_training,
     copy_group_table,
     copy_pairs,
-    dihedral_phashes,
     group_copies,
-    hash_images,
     record_excluded_copies,
     resolve_copies,
 )
+from dermlab.data.image_hashes import DIHEDRAL_TRANSPOSES, compute_image_hashes, dihedral_phashes, hash_images
 from dermlab.data.splits import create_splits, load_splits, save_splits
 from dermlab.errors import ConfigError
 
@@ -158,14 +155,14 @@ def test_hashes_are_cached_by_file_content_and_new_files_only_are_decoded(tmp_pa
 def test_worker_processes_hash_exactly_as_this_process_does(tmp_path: Path, monkeypatch) -> None:
     import sys
 
-    import dermlab.data.duplicates as duplicates
+    import dermlab.data.image_hashes as image_hashes
 
     if sys.platform != "linux":
         pytest.skip("worker processes are forked on Linux only")
     data = _folders(tmp_path / "data", lesions_per_class=2)
     paths = sorted(str(p) for p in data.rglob("*.jpg"))
     inline = compute_image_hashes(paths, workers=1)
-    monkeypatch.setattr(duplicates, "_PROCESSES_FROM", 2)
+    monkeypatch.setattr(image_hashes, "_PROCESSES_FROM", 2)
     forked = compute_image_hashes(paths, workers=2)
     np.testing.assert_array_equal(forked.pixels, inline.pixels)
     np.testing.assert_array_equal(forked.phash, inline.phash)

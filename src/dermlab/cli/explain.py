@@ -115,7 +115,7 @@ def _mask_agreement(args: argparse.Namespace, run_path: Path) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from dermlab.explain.run_explain import measure_mask_agreement
+    from dermlab.explain.run_masks import measure_mask_agreement
     from dermlab.models.checkpoint import run_dir_of
 
     summary = measure_mask_agreement(

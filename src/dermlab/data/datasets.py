@@ -25,17 +25,31 @@ to :attr:`DatasetTable.skipped` instead.
 
 from __future__ import annotations
 
-import csv
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from dermlab.config import DataConfig
-from dermlab.data.images import IMAGE_EXTENSIONS, read_image
+from dermlab.data.dataset_rows import (
+    FRAME_COLUMNS,
+    DatasetTable,
+    RowProblems,
+    attach_masks,
+    contains_image,
+    copy_metadata,
+    csv_files,
+    drop_duplicate_ids,
+    drop_empty,
+    finish_table,
+    iter_images,
+    read_csv_rows,
+    require_columns,
+    resolve_inside,
+    subfolders,
+)
 from dermlab.errors import ConfigError, DataError
 from dermlab.registry import Registry
 
@@ -67,27 +81,7 @@ SPLIT_FOLDER_NAMES = {
 }
 """Folder names (compared in lower case) that mark a dataset's own split, and the split each one means."""
 
-_FRAME_COLUMNS = ["image_id", "path", "label", "group", "fixed_split"]
-_OPTIONAL_COLUMNS = ["age", "sex", "localization", "mask_path"]
 _HAM_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-_DELIMITERS = (",", ";", "\t")
-_MISSING_CELLS = {"": pd.NA, "nan": pd.NA, "NaN": pd.NA, "NA": pd.NA, "N/A": pd.NA, "null": pd.NA}
-_OUTSIDE = "\0outside"  # marks a path that leaves the dataset folder
-
-
-@dataclass
-class DatasetTable:
-    """Every usable image of a dataset, one row each (see ``docs/architecture.md`` for the columns)."""
-
-    root: Path
-    layout: str
-    frame: pd.DataFrame
-    classes: list[str]
-    skipped: list[str] = field(default_factory=list)
-
-    def class_counts(self) -> pd.Series:
-        """Images per class, in class order (zero for a class without images)."""
-        return self.frame["label"].value_counts().reindex(self.classes, fill_value=0).astype(int)
 
 
 DatasetReader = Callable[[Path, DataConfig, bool], DatasetTable]
@@ -143,38 +137,18 @@ def detect_layout(path: str | Path) -> str:
         raise DataError(f"{path}: not a dataset folder or CSV file")
     if (path / HAM10000_METADATA).is_file():
         return "ham10000"
-    csv_files = _csv_files(path)
-    if len(csv_files) == 1:
+    tables = csv_files(path)
+    if len(tables) == 1:
         return "csv"
-    if any(_contains_image(child) for child in _subfolders(path)):
+    if any(contains_image(child) for child in subfolders(path)):
         return "folders"
-    if csv_files:
-        names = ", ".join(f.name for f in csv_files)
-        raise DataError(f"{path}: {len(csv_files)} CSV files ({names}); pass the CSV file to use")
+    if tables:
+        names = ", ".join(f.name for f in tables)
+        raise DataError(f"{path}: {len(tables)} CSV files ({names}); pass the CSV file to use")
     raise DataError(
         f"{path}: cannot tell the dataset layout (no {HAM10000_METADATA}, no CSV file, no class folders "
         "with images)"
     )
-
-
-class _Problems:
-    """Raise on the first problem, or collect the messages when bad items are to be skipped."""
-
-    def __init__(self, skip_bad: bool) -> None:
-        self.skip_bad = skip_bad
-        self.messages: list[str] = []
-
-    def report(self, message: str) -> None:
-        if not self.skip_bad:
-            raise DataError(message)
-        self.messages.append(message)
-
-    def drop(self, frame: pd.DataFrame, bad: pd.Series, message: Callable[[pd.Series], str]) -> pd.DataFrame:
-        """Report every row where ``bad`` holds (``message(row)``) and return the other rows."""
-        bad = bad.fillna(False).astype(bool)
-        for _, row in frame[bad].iterrows():
-            self.report(message(row))
-        return frame[~bad]
 
 
 # --- ham10000 -----------------------------------------------------------------------------------------------
@@ -187,9 +161,9 @@ def _read_ham10000(path: Path, config: DataConfig, verify_images: bool) -> Datas
     metadata = root / HAM10000_METADATA
     if not metadata.is_file():
         raise DataError(f"{root}: no {HAM10000_METADATA}")
-    problems = _Problems(config.skip_bad)
-    frame = _read_csv(metadata)
-    _require_columns(frame, metadata, ["image_id", "dx"])
+    problems = RowProblems(config.skip_bad)
+    frame = read_csv_rows(metadata)
+    require_columns(frame, metadata, ["image_id", "dx"])
     classes = list(config.classes) if config.classes is not None else list(HAM10000_CLASSES)
 
     folders = [root / name for name in HAM10000_IMAGE_FOLDERS if (root / name).is_dir()]
@@ -199,14 +173,14 @@ def _read_ham10000(path: Path, config: DataConfig, verify_images: bool) -> Datas
     index = _index_images_by_stem(folders)
     searched = ", ".join(f"{folder.name}/" for folder in folders)
 
-    frame = _drop_empty(frame, metadata, ["image_id", "dx"], problems)
+    frame = drop_empty(frame, metadata, ["image_id", "dx"], problems)
     frame = problems.drop(
         frame,
         ~frame["dx"].isin(classes),
         lambda row: f"{metadata} line {row['_line']}: label {row['dx']!r} is not one of the classes "
         f"({', '.join(classes)})",
     )
-    frame = _drop_duplicate_ids(frame, "image_id", metadata, problems)
+    frame = drop_duplicate_ids(frame, "image_id", metadata, problems)
     paths = frame["image_id"].map(index)
     frame = problems.drop(
         frame,
@@ -226,12 +200,12 @@ def _read_ham10000(path: Path, config: DataConfig, verify_images: bool) -> Datas
             "fixed_split": "",
         }
     )
-    _copy_metadata(frame, table)
+    copy_metadata(frame, table)
     mask_column = config.csv_mask_column or ("mask_path" if "mask_path" in frame else None)
     if mask_column is not None:
-        _require_columns(frame, metadata, [mask_column])
-        table = _attach_masks(table, frame[mask_column], root, metadata, problems)
-    return _finish(root, "ham10000", table, classes, problems, verify_images)
+        require_columns(frame, metadata, [mask_column])
+        table = attach_masks(table, frame[mask_column], root, metadata, problems)
+    return finish_table(root, "ham10000", table, classes, problems, verify_images)
 
 
 def _index_images_by_stem(folders: list[Path]) -> dict[str, str]:
@@ -255,8 +229,8 @@ def _read_folders(path: Path, config: DataConfig, verify_images: bool) -> Datase
     root = path
     if not root.is_dir():
         raise DataError(f"{root}: the folders layout needs a folder of class folders")
-    problems = _Problems(config.skip_bad)
-    children = _subfolders(root)
+    problems = RowProblems(config.skip_bad)
+    children = subfolders(root)
     split_folders = [child for child in children if child.name.lower() in SPLIT_FOLDER_NAMES]
     if split_folders:
         others = [child.name for child in children if child not in split_folders]
@@ -279,7 +253,7 @@ def _read_folders(path: Path, config: DataConfig, verify_images: bool) -> Datase
     wanted = set(config.classes) if config.classes is not None else None
     rows: list[dict[str, str]] = []
     for base, split in parts:
-        class_folders = _subfolders(base)
+        class_folders = subfolders(base)
         if not class_folders:
             problems.report(f"{base}: no class folders in this split folder")
         for class_folder in class_folders:
@@ -290,7 +264,7 @@ def _read_folders(path: Path, config: DataConfig, verify_images: bool) -> Datase
                     f"({', '.join(config.classes or [])})"
                 )
                 continue
-            images = sorted(_iter_images(class_folder))
+            images = sorted(iter_images(class_folder))
             if not images:
                 problems.report(f"{class_folder}: class folder {label!r} holds no images")
                 continue
@@ -305,10 +279,10 @@ def _read_folders(path: Path, config: DataConfig, verify_images: bool) -> Datase
                         "fixed_split": split,
                     }
                 )
-    table = pd.DataFrame(rows, columns=_FRAME_COLUMNS)
+    table = pd.DataFrame(rows, columns=FRAME_COLUMNS)
     table.insert(0, "_line", 0)
     classes = list(config.classes) if config.classes is not None else sorted(table["label"].unique())
-    return _finish(root, "folders", table, classes, problems, verify_images)
+    return finish_table(root, "folders", table, classes, problems, verify_images)
 
 
 # --- csv ----------------------------------------------------------------------------------------------------
@@ -317,31 +291,14 @@ def _read_folders(path: Path, config: DataConfig, verify_images: bool) -> Datase
 @LAYOUTS.register("csv")
 def _read_csv_layout(path: Path, config: DataConfig, verify_images: bool) -> DatasetTable:
     """A CSV of image paths (relative to the CSV's folder) and labels."""
-    if path.is_dir():
-        candidates = _csv_files(path)
-        if len(candidates) != 1:
-            raise DataError(
-                f"{path}: expected exactly one CSV file, found {len(candidates)}; pass the CSV file"
-            )
-        csv_file = candidates[0]
-    else:
-        csv_file = path
+    csv_file = _the_csv_file(path)
     root = csv_file.parent
-    problems = _Problems(config.skip_bad)
-    frame = _read_csv(csv_file)
-
-    path_column = config.csv_path_column
-    label_column = config.csv_label_column
-    if label_column == "label" and "label" not in frame and "dx" in frame:
-        label_column = "dx"
-    group_column = config.csv_group_column or next((c for c in ("group", "lesion_id") if c in frame), None)
-    mask_column = config.csv_mask_column or ("mask_path" if "mask_path" in frame else None)
-    id_column = "image_id" if "image_id" in frame else None
-    required = [path_column, label_column] + [c for c in (group_column, mask_column) if c is not None]
-    _require_columns(frame, csv_file, required)
-
-    not_empty = [c for c in (path_column, label_column, group_column, id_column) if c is not None]
-    frame = _drop_empty(frame, csv_file, not_empty, problems)
+    problems = RowProblems(config.skip_bad)
+    frame = read_csv_rows(csv_file)
+    columns = _CsvColumns.of(frame, config)
+    require_columns(frame, csv_file, columns.required)
+    frame = drop_empty(frame, csv_file, columns.not_empty, problems)
+    label_column = columns.label
     if config.classes is not None:
         classes = list(config.classes)
         frame = problems.drop(
@@ -350,11 +307,74 @@ def _read_csv_layout(path: Path, config: DataConfig, verify_images: bool) -> Dat
             lambda row: f"{csv_file} line {row['_line']}: label {row[label_column]!r} is not one of the "
             f"classes ({', '.join(classes)})",
         )
-    ids = frame[id_column] if id_column else frame[path_column].map(lambda p: Path(p).as_posix())
-    frame = frame.assign(_image_id=ids)
-    frame = _drop_duplicate_ids(frame, "_image_id", csv_file, problems)
+    ids = frame[columns.image_id] if columns.image_id else frame[columns.path].map(lambda p: Path(p).as_posix())
+    frame = drop_duplicate_ids(frame.assign(_image_id=ids), "_image_id", csv_file, problems)
+    frame, resolved = _resolve_csv_paths(frame, columns.path, root, csv_file, problems)
+    table = pd.DataFrame(
+        {
+            "_line": frame["_line"],
+            "image_id": frame["_image_id"],
+            "path": resolved,
+            "label": frame[label_column],
+            "group": frame[columns.group] if columns.group else frame["_image_id"],
+            "fixed_split": "",
+        }
+    )
+    copy_metadata(frame, table)
+    if columns.mask is not None:
+        table = attach_masks(table, frame[columns.mask], root, csv_file, problems)
+    if config.classes is None:
+        classes = sorted(table["label"].unique())
+    return finish_table(root, "csv", table, classes, problems, verify_images)
 
-    resolved = frame[path_column].map(lambda p: _resolve_inside(root, p))
+
+def _the_csv_file(path: Path) -> Path:
+    """``path`` itself, or the one CSV file of the folder ``path``."""
+    if not path.is_dir():
+        return path
+    candidates = csv_files(path)
+    if len(candidates) != 1:
+        raise DataError(f"{path}: expected exactly one CSV file, found {len(candidates)}; pass the CSV file")
+    return candidates[0]
+
+
+@dataclass(frozen=True)
+class _CsvColumns:
+    """Which columns of a dataset CSV hold what: the configured names, else the HAM10000 / common ones."""
+
+    path: str
+    label: str
+    group: str | None
+    mask: str | None
+    image_id: str | None
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame, config: DataConfig) -> _CsvColumns:
+        label = config.csv_label_column
+        if label == "label" and "label" not in frame and "dx" in frame:
+            label = "dx"
+        return cls(
+            path=config.csv_path_column,
+            label=label,
+            group=config.csv_group_column or next((c for c in ("group", "lesion_id") if c in frame), None),
+            mask=config.csv_mask_column or ("mask_path" if "mask_path" in frame else None),
+            image_id="image_id" if "image_id" in frame else None,
+        )
+
+    @property
+    def required(self) -> list[str]:
+        return [self.path, self.label] + [c for c in (self.group, self.mask) if c is not None]
+
+    @property
+    def not_empty(self) -> list[str]:
+        return [c for c in (self.path, self.label, self.group, self.image_id) if c is not None]
+
+
+def _resolve_csv_paths(
+    frame: pd.DataFrame, path_column: str, root: Path, csv_file: Path, problems: RowProblems
+) -> tuple[pd.DataFrame, pd.Series]:
+    """The rows whose image path stays inside ``root`` and names a file, and those files' absolute paths."""
+    resolved = frame[path_column].map(lambda p: resolve_inside(root, p))
     frame = problems.drop(
         frame,
         resolved.isna(),
@@ -368,195 +388,4 @@ def _read_csv_layout(path: Path, config: DataConfig, verify_images: bool) -> Dat
         ~exists,
         lambda row: f"{csv_file} line {row['_line']}: image file not found: {resolved[row.name]}",
     )
-    table = pd.DataFrame(
-        {
-            "_line": frame["_line"],
-            "image_id": frame["_image_id"],
-            "path": resolved[frame.index],
-            "label": frame[label_column],
-            "group": frame[group_column] if group_column else frame["_image_id"],
-            "fixed_split": "",
-        }
-    )
-    _copy_metadata(frame, table)
-    if mask_column is not None:
-        table = _attach_masks(table, frame[mask_column], root, csv_file, problems)
-    if config.classes is None:
-        classes = sorted(table["label"].unique())
-    return _finish(root, "csv", table, classes, problems, verify_images)
-
-
-# --- shared helpers -----------------------------------------------------------------------------------------
-
-
-def _read_csv(csv_file: Path) -> pd.DataFrame:
-    """Read a UTF-8 CSV (BOM allowed, delimiter from the header line) as strings; empty cells become NA.
-
-    Parsed with the :mod:`csv` module so every row keeps its true line number in ``_line``.
-    """
-    try:
-        raw = csv_file.read_bytes()
-    except OSError as error:
-        raise DataError(f"{csv_file}: cannot read ({error.strerror or error})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise DataError(f"{csv_file}: not UTF-8 text (byte {error.start})") from None
-    if not text.strip():
-        raise DataError(f"{csv_file}: empty CSV file")
-    header_line = text.lstrip().splitlines()[0]
-    delimiter = max(_DELIMITERS, key=header_line.count)
-    reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
-    try:
-        header: list[str] | None = None
-        rows: list[list[str]] = []
-        lines: list[int] = []
-        start = 1
-        for record in reader:
-            if any(cell.strip() for cell in record):
-                if header is None:
-                    header = [cell.strip() for cell in record]
-                else:
-                    if len(record) != len(header):
-                        raise DataError(
-                            f"{csv_file} line {start}: {len(record)} fields where the header has "
-                            f"{len(header)}"
-                        )
-                    rows.append(record)
-                    lines.append(start)
-            start = reader.line_num + 1
-    except csv.Error as error:
-        raise DataError(f"{csv_file} line {reader.line_num}: not valid CSV ({error})") from None
-    if header is None:
-        raise DataError(f"{csv_file}: no header row with column names (the file holds only empty cells)")
-    if not rows:
-        raise DataError(f"{csv_file}: no data rows below the header")
-    if len(set(header)) != len(header):
-        duplicated = next(name for name in header if header.count(name) > 1)
-        raise DataError(f"{csv_file}: column {duplicated!r} appears twice in the header")
-    frame = pd.DataFrame(rows, columns=header, dtype=object)
-    frame = frame.apply(lambda column: column.str.strip()).replace(_MISSING_CELLS)
-    frame["_line"] = np.asarray(lines, dtype=int)
-    return frame
-
-
-def _require_columns(frame: pd.DataFrame, csv_file: Path, columns: list[str]) -> None:
-    present = [c for c in frame.columns if c != "_line"]
-    for column in columns:
-        if column not in frame.columns:
-            raise DataError(f"{csv_file}: missing column {column!r} (columns: {', '.join(present)})")
-
-
-def _drop_empty(frame: pd.DataFrame, csv_file: Path, columns: list[str], problems: _Problems) -> pd.DataFrame:
-    for column in columns:
-        frame = problems.drop(
-            frame,
-            frame[column].isna(),
-            lambda row, c=column: f"{csv_file} line {row['_line']}: empty {c!r} cell",
-        )
-    return frame
-
-
-def _drop_duplicate_ids(
-    frame: pd.DataFrame, column: str, csv_file: Path, problems: _Problems
-) -> pd.DataFrame:
-    first_line = frame.groupby(column)["_line"].transform("first")
-    return problems.drop(
-        frame,
-        frame.duplicated(column, keep="first"),
-        lambda row: f"{csv_file} line {row['_line']}: duplicate image id {row[column]!r} "
-        f"(first on line {first_line[row.name]})",
-    )
-
-
-def _resolve_inside(root: Path, value: str) -> str | None:
-    """Absolute normalised path of ``value`` (relative to ``root``), or None when it leaves ``root``.
-
-    Lexical (``normpath``), not ``resolve()``: a dataset may legitimately hold symlinks to elsewhere.
-    """
-    full = os.path.normpath(os.path.join(root, value))
-    base = os.path.normpath(root)
-    return full if os.path.commonpath([full, base]) == base else None
-
-
-def _attach_masks(
-    table: pd.DataFrame, masks: pd.Series, root: Path, csv_file: Path, problems: _Problems
-) -> pd.DataFrame:
-    """Add ``mask_path`` (absolute; "" for an empty cell); a named mask must exist inside ``root``."""
-    masks = masks[table.index]
-    resolved = masks.map(lambda m: "" if pd.isna(m) else (_resolve_inside(root, m) or _OUTSIDE))
-    bad = resolved.map(lambda p: p == _OUTSIDE or (p != "" and not os.path.isfile(p)))
-
-    def message(row: pd.Series) -> str:
-        where = f"{csv_file} line {row['_line']}"
-        if resolved[row.name] == _OUTSIDE:
-            return f"{where}: mask {masks[row.name]!r} points outside the dataset folder {root}"
-        return f"{where}: mask file not found: {resolved[row.name]}"
-
-    table = problems.drop(table, bad, message)
-    return table.assign(mask_path=resolved[table.index])
-
-
-def _copy_metadata(source: pd.DataFrame, table: pd.DataFrame) -> None:
-    """Keep ``age`` (float) and ``sex`` / ``localization`` (str, "" when missing) where present."""
-    if "age" in source:
-        table["age"] = pd.to_numeric(source["age"], errors="coerce").astype(float)
-    for column in ("sex", "localization"):
-        if column in source:
-            table[column] = source[column].fillna("").astype(str)
-
-
-def _finish(
-    root: Path, layout: str, table: pd.DataFrame, classes: list[str], problems: _Problems, verify_images: bool
-) -> DatasetTable:
-    """Optionally decode every image, order the columns and build the :class:`DatasetTable`."""
-    if verify_images and len(table):
-        readable = []
-        for index, image_path in table["path"].items():
-            try:
-                read_image(image_path)
-            except DataError as error:
-                problems.report(str(error))
-                continue
-            readable.append(index)
-        table = table.loc[readable]
-    if table.empty:
-        detail = f" ({len(problems.messages)} skipped)" if problems.messages else ""
-        raise DataError(f"{root}: no usable images found{detail}")
-    columns = _FRAME_COLUMNS + [c for c in _OPTIONAL_COLUMNS if c in table.columns]
-    frame = table[columns].reset_index(drop=True)
-    for column in columns:
-        if column != "age":
-            frame[column] = frame[column].astype(str)
-    return DatasetTable(
-        root=root, layout=layout, frame=frame, classes=list(classes), skipped=problems.messages
-    )
-
-
-def _subfolders(folder: Path) -> list[Path]:
-    """Visible sub-folders, sorted by name."""
-    return sorted(
-        (entry for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith(".")),
-        key=lambda p: p.name,
-    )
-
-
-def _csv_files(folder: Path) -> list[Path]:
-    return sorted(
-        entry
-        for entry in folder.iterdir()
-        if entry.is_file() and entry.suffix.lower() == ".csv" and not entry.name.startswith(".")
-    )
-
-
-def _iter_images(folder: Path) -> Iterator[Path]:
-    """Image files (by suffix) anywhere below ``folder``, hidden files and folders left out."""
-    for directory, subdirs, files in os.walk(folder):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-        for name in files:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                yield Path(directory) / name
-
-
-def _contains_image(folder: Path) -> bool:
-    return next(_iter_images(folder), None) is not None
+    return frame, resolved[frame.index]

@@ -9,9 +9,8 @@ configuration.
 
 from __future__ import annotations
 
-import base64
 import html
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import yaml
 from dermlab.data.splits import split_rows
 from dermlab.errors import DataError
 from dermlab.evaluation.bootstrap import sensitivity_key
+from dermlab.evaluation.html_pieces import Raw, details, embedded_images, missing, number_cell, section, table
 from dermlab.evaluation.metrics import SUMMARY_METRICS
 from dermlab.io import atomic_write_text, read_json_object
 
@@ -30,7 +30,6 @@ _DISCLAIMER = (
     "dermlab is a research tool, not a medical device. Its outputs must not be used to diagnose, treat or "
     "triage any person."
 )
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # The headline numbers: (label, key in the split's metrics, key in its "intervals").
 _HEADLINE_METRICS = (
@@ -85,26 +84,26 @@ def render_report(run_dir: str | Path) -> str:
     main = "test" if "test" in split_metrics else next(iter(split_metrics), None)
     eval_dir = run_dir / "eval" / main if main else None
     sections = [
-        _section("Summary", _headline_html(metrics, config, splits, main), css_class="headline"),
-        _section(
+        section("Summary", _headline_html(metrics, config, splits, main), css_class="headline"),
+        section(
             "Confusion matrix and per-class results",
             _per_class_section(run_dir, eval_dir, split_metrics.get(main) if main else None, main),
         ),
-        _section("ROC and reliability", _eval_images(run_dir, eval_dir, ("roc.png", "reliability.png"))),
+        section("ROC and reliability", _eval_images(run_dir, eval_dir, ("roc.png", "reliability.png"))),
     ]
     gallery = sorted((run_dir / "gallery").glob("*.png"))
     if gallery:
-        sections.append(_section("Grad-CAM gallery", _images_html(run_dir, gallery)))
+        sections.append(section("Grad-CAM gallery", embedded_images(run_dir, gallery)))
     sections.append(
-        _section(
-            "Training curves", _images_html(run_dir, sorted((run_dir / "plots").glob("*.png")), wide=True)
+        section(
+            "Training curves", embedded_images(run_dir, sorted((run_dir / "plots").glob("*.png")), wide=True)
         )
     )
     card = run_dir / "model_card.md"
     if card.is_file():
         text = f"<pre>{html.escape(card.read_text(encoding='utf-8'))}</pre>"
-        sections.append(_section("Model card", _details("Intended use, data, performance and limits", text)))
-    sections.append(_section("Details", _details_html(run_dir, metrics, splits, main)))
+        sections.append(section("Model card", details("Intended use, data, performance and limits", text)))
+    sections.append(section("Details", _details_html(run_dir, metrics, splits, main)))
     title = f"dermlab run report: {html.escape(run_dir.resolve().name)}"
     return "\n".join(
         [
@@ -149,7 +148,7 @@ def _headline_html(
     items = "\n".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in facts)
     body = [f"<dl>\n{items}\n</dl>"]
     if part is None:
-        body.append(_missing("metrics.json not found or holds no split: the run has not been evaluated."))
+        body.append(missing("metrics.json not found or holds no split: the run has not been evaluated."))
     else:
         body.append(_key_metrics_html(_split_metrics(metrics), main or ""))
         body.append(f'<p class="note">{html.escape(_interval_note(part, main or ""))}</p>')
@@ -168,7 +167,7 @@ def _task_text(classes: Sequence[str], part: dict[str, Any] | None) -> str:
 
 def _split_sizes_text(splits: pd.DataFrame | None) -> str:
     if splits is None:
-        return _missing("splits.csv not found.")
+        return missing("splits.csv not found.")
     grouped = "group" in splits and splits["group"].nunique() < len(splits)
     parts = []
     for split in _split_order(splits):
@@ -264,8 +263,8 @@ def _key_metrics_html(split_metrics: dict[str, dict[str, Any]], main: str) -> st
                 rule = (split_metrics[s].get("rules") or {}).get("balanced") or {}
                 cells.append(_metric_cell(rule.get(key), (rule.get("intervals") or {}).get(key), s == main))
             rows.append([label, *cells])
-    rows.append(["images", *(_raw(split_metrics[s].get("n")) for s in names)])
-    return _table(["metric", *(f"{s} [95% interval]" for s in names)], rows, css_class="key-metrics")
+    rows.append(["images", *(number_cell(split_metrics[s].get("n")) for s in names)])
+    return table(["metric", *(f"{s} [95% interval]" for s in names)], rows, css_class="key-metrics")
 
 
 def _interval_note(part: dict[str, Any], split: str) -> str:
@@ -287,7 +286,7 @@ def _per_class_section(
     run_dir: Path, eval_dir: Path | None, part: dict[str, Any] | None, split: str | None
 ) -> str:
     if part is None or eval_dir is None:
-        return _missing("no evaluated split.")
+        return missing("no evaluated split.")
     images = _eval_images(run_dir, eval_dir, ("confusion_matrix.png", "confusion_matrix_normalized.png"))
     note = f'<p class="note">{html.escape(str(split))} split; recall with its bootstrap 95% interval.</p>'
     return "\n".join([images, note, _per_class_html(part)])
@@ -307,7 +306,7 @@ def _per_class_html(metrics: dict[str, Any]) -> str:
                 values.get("auc"),
             ]
         )
-    return _table(["class", "precision", "recall [95% interval]", "f1", "support", "auc"], rows)
+    return table(["class", "precision", "recall [95% interval]", "f1", "support", "auc"], rows)
 
 
 def _confusion_table(metrics: dict[str, Any]) -> str:
@@ -315,46 +314,42 @@ def _confusion_table(metrics: dict[str, Any]) -> str:
     classes = list(metrics["per_class"])
     if not matrix or len(matrix) != len(classes):
         return ""
-    confusion = _table(["true \\ predicted", *classes], [[name, *row] for name, row in zip(classes, matrix)])
+    confusion = table(["true \\ predicted", *classes], [[name, *row] for name, row in zip(classes, matrix)])
     return f"<p>Confusion matrix (rows = truth):</p>\n{confusion}"
 
 
 def _eval_images(run_dir: Path, eval_dir: Path | None, names: Sequence[str]) -> str:
     if eval_dir is None:
-        return _missing("no evaluated split.")
-    return _images_html(run_dir, [eval_dir / name for name in names if (eval_dir / name).is_file()])
+        return missing("no evaluated split.")
+    return embedded_images(run_dir, [eval_dir / name for name in names if (eval_dir / name).is_file()])
 
 
 # ----------------------------------------------------------------------------------------------- details
 def _details_html(
     run_dir: Path, metrics: dict[str, Any] | None, splits: pd.DataFrame | None, main: str | None
 ) -> str:
-    parts = [_details("All metrics, every split", _metrics_html(metrics))]
-    parts.append(_details("Images per class and split", _splits_html(splits)))
+    parts = [details("All metrics, every split", _metrics_html(metrics))]
+    parts.append(details("Images per class and split", _splits_html(splits)))
     shown = {
         run_dir / "eval" / str(main) / name
         for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "roc.png", "reliability.png")
     }
     other = [path for path in sorted((run_dir / "eval").glob("*/*.png")) if path not in shown]
     if other:
-        parts.append(_details("Other evaluation plots", _images_html(run_dir, other)))
+        parts.append(details("Other evaluation plots", embedded_images(run_dir, other)))
     config = run_dir / "config.yaml"
     body = (
         f"<pre>{html.escape(config.read_text(encoding='utf-8'))}</pre>"
         if config.is_file()
-        else _missing("config.yaml not found.")
+        else missing("config.yaml not found.")
     )
-    parts.append(_details("Configuration (config.yaml)", body))
+    parts.append(details("Configuration (config.yaml)", body))
     return "\n".join(parts)
-
-
-def _details(summary: str, body: str) -> str:
-    return f"<details>\n<summary>{html.escape(summary)}</summary>\n{body}\n</details>"
 
 
 def _splits_html(splits: pd.DataFrame | None) -> str:
     if splits is None:
-        return _missing("splits.csv not found.")
+        return missing("splits.csv not found.")
     order = _split_order(splits)
     counts = pd.crosstab(splits["label"], splits["split"]).reindex(columns=order, fill_value=0)
     counts["total"] = counts.sum(axis=1)
@@ -363,12 +358,12 @@ def _splits_html(splits: pd.DataFrame | None) -> str:
     if "group" in splits:
         lesions = splits.groupby("split")["group"].nunique()
         rows.append(["lesions", *(int(lesions.get(s, 0)) for s in order), int(splits["group"].nunique())])
-    return _table(["class", *counts.columns], rows)
+    return table(["class", *counts.columns], rows)
 
 
 def _metrics_html(metrics: dict[str, Any] | None) -> str:
     if metrics is None:
-        return _missing("metrics.json not found: the run has not been evaluated.")
+        return missing("metrics.json not found: the run has not been evaluated.")
     splits = _split_metrics(metrics)
     extras = {k: v for k, v in metrics.items() if k not in splits and not isinstance(v, (dict, list))}
     parts = []
@@ -386,16 +381,16 @@ def _metrics_html(metrics: dict[str, Any] | None) -> str:
             row = _target_row(splits, names, key, label)
             if row is not None:
                 rows.append(row)
-        parts.append(_table(["metric", *names], rows))
+        parts.append(table(["metric", *names], rows))
         for name in names:
             parts.append(f"<h3>Per class ({html.escape(name)})</h3>")
             parts.append(_per_class_html(splits[name]))
             parts.append(_confusion_table(splits[name]))
     else:
-        parts.append(_missing("metrics.json holds no per-split metrics."))
+        parts.append(missing("metrics.json holds no per-split metrics."))
     if extras:
         parts.append("<h3>Run facts</h3>")
-        parts.append(_table(["key", "value"], [[k, v] for k, v in extras.items()]))
+        parts.append(table(["key", "value"], [[k, v] for k, v in extras.items()]))
     return "\n".join(parts)
 
 
@@ -422,20 +417,12 @@ def _target_row(splits: dict[str, Any], names: Sequence[str], key: str, label: s
 
 
 # ------------------------------------------------------------------------------------------------ pieces
-class _Raw(str):
-    """HTML that :func:`_table` puts into a cell as it is."""
-
-
-def _raw(value: Any) -> _Raw:
-    return _Raw(f'<td class="num">{html.escape(str(value)) if value is not None else "&ndash;"}</td>')
-
-
 def _metric_cell(value: Any, interval: list[float] | None, emphasise: bool) -> Any:
-    """A number with its interval below it in grey; plain numbers go through :func:`_cell` as before."""
+    """A number with its interval below it in grey; plain numbers go through :func:`cell` as before."""
     if not isinstance(value, float) or interval is None:
         return value
     number = f"<strong>{value:.3f}</strong>" if emphasise else f"{value:.3f}"
-    return _Raw(
+    return Raw(
         f'<td class="num">{number} <span class="ci">[{interval[0]:.3f}, {interval[1]:.3f}]</span></td>'
     )
 
@@ -445,16 +432,6 @@ def _interval(metrics: dict[str, Any], key: str) -> list[float] | None:
     return (
         [float(value[0]), float(value[1])] if isinstance(value, (list, tuple)) and len(value) == 2 else None
     )
-
-
-def _section(heading: str, body: str, css_class: str = "") -> str:
-    anchor = heading.lower().replace(" ", "-")
-    attribute = f' class="{css_class}"' if css_class else ""
-    return f'<section id="{anchor}"{attribute}>\n<h2>{html.escape(heading)}</h2>\n{body}\n</section>'
-
-
-def _missing(what: str) -> str:
-    return f'<p class="missing">{html.escape(what)}</p>'
 
 
 def _split_metrics(metrics: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -488,53 +465,7 @@ def _read_splits(path: Path) -> pd.DataFrame | None:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         raise DataError(f"{path}: cannot read as CSV ({error})") from error
-    missing = {"label", "split"} - set(frame.columns)
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+    absent = {"label", "split"} - set(frame.columns)
+    if absent:
+        raise DataError(f"{path}: missing column(s) {', '.join(sorted(absent))}")
     return frame
-
-
-def _table(header: Sequence[Any], rows: Iterable[Sequence[Any]], css_class: str = "") -> str:
-    head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
-    body = []
-    for row in rows:
-        first, *rest = row
-        cells = [f"<th>{html.escape(str(first))}</th>", *(_cell(value) for value in rest)]
-        body.append(f"<tr>{''.join(cells)}</tr>")
-    attribute = f' class="{css_class}"' if css_class else ""
-    return (
-        f"<table{attribute}>\n<thead><tr>{head}</tr></thead>\n<tbody>\n"
-        + "\n".join(body)
-        + "\n</tbody>\n</table>"
-    )
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, _Raw):
-        return str(value)
-    if value is None:
-        return '<td class="num">&ndash;</td>'
-    if isinstance(value, bool):
-        return f"<td>{value}</td>"
-    if isinstance(value, float):
-        return f'<td class="num">{value:.4f}</td>'
-    if isinstance(value, int):
-        return f'<td class="num">{value}</td>'
-    return f"<td>{html.escape(str(value))}</td>"
-
-
-def _images_html(run_dir: Path, paths: Sequence[Path], wide: bool = False) -> str:
-    figures = []
-    for path in paths:
-        data = path.read_bytes()
-        caption = html.escape(path.relative_to(run_dir).as_posix())
-        if not data.startswith(_PNG_SIGNATURE):
-            figures.append(_missing(f"{caption}: not a PNG file, left out."))
-            continue
-        encoded = base64.b64encode(data).decode("ascii")
-        figure_class = ' class="wide"' if wide else ""
-        figures.append(
-            f'<figure{figure_class}><img src="data:image/png;base64,{encoded}" alt="{caption}">'
-            f"<figcaption>{caption}</figcaption></figure>"
-        )
-    return "\n".join(figures) if figures else _missing("no images found.")

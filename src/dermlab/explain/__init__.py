@@ -26,8 +26,8 @@ from dermlab.explain.run_explain import (
     compute_cams,
     explain_image,
     explain_run,
-    measure_mask_agreement,
 )
+from dermlab.explain.run_masks import measure_mask_agreement
 
 __all__ = [
     "CAM_METHODS",
