@@ -109,3 +109,14 @@ def test_every_rule_flag_offers_exactly_the_decision_rules() -> None:
     for name in ("evaluate", "predict", "serve"):
         rule = next(action for action in commands[name]._actions if action.dest == "rule")
         assert tuple(rule.choices) == RULES, name
+
+
+def test_every_engine_flag_offers_exactly_the_predictor_engines() -> None:
+    """The CLI stays light (no torch for `--help`), so it writes the names; the predictor's list must match."""
+    from dermlab.serving.predictor import ENGINES
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if action.dest == "command").choices
+    for name in ("predict", "serve"):
+        engine = next(action for action in commands[name]._actions if action.dest == "engine")
+        assert tuple(engine.choices) == ENGINES, name

@@ -56,7 +56,6 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     from rich.console import Console
-    from rich.table import Table
 
     from dermlab.config import DataConfig
     from dermlab.data.datasets import load_dataset
@@ -78,21 +77,7 @@ def run(args: argparse.Namespace) -> int:
         metadata[-1] = f"mask_path ({int((frame['mask_path'] != '').sum())} with a mask)"
     console.print(f"metadata {', '.join(metadata) if metadata else 'none'}")
 
-    fixed = sorted(s for s in frame["fixed_split"].unique() if s)
-    counts = Table(title="images per class")
-    counts.add_column("class")
-    counts.add_column("images", justify="right")
-    counts.add_column("share", justify="right")
-    counts.add_column("groups", justify="right")
-    for split in fixed:
-        counts.add_column(f"{split} folder", justify="right")
-    groups = frame.groupby("label")["group"].nunique()
-    by_split = frame.groupby(["label", "fixed_split"]).size()
-    for name, count in table.class_counts().items():
-        cells = [name, str(count), f"{100 * count / len(frame):.1f}%", str(int(groups.get(name, 0)))]
-        cells += [str(int(by_split.get((name, split), 0))) for split in fixed]
-        counts.add_row(*cells)
-    console.print(counts)
+    console.print(_class_count_table(table))
 
     sample_size = min(max(args.sample, 0), len(frame))
     picked = np.random.default_rng(0).choice(len(frame), size=sample_size, replace=False)
@@ -116,11 +101,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _class_count_table(table: Any) -> Any:
+    """Images, share and groups per class, and the images of each shipped split folder."""
+    from rich.table import Table
+
+    frame = table.frame
+    fixed = sorted(s for s in frame["fixed_split"].unique() if s)
+    counts = Table(title="images per class")
+    counts.add_column("class")
+    counts.add_column("images", justify="right")
+    counts.add_column("share", justify="right")
+    counts.add_column("groups", justify="right")
+    for split in fixed:
+        counts.add_column(f"{split} folder", justify="right")
+    groups = frame.groupby("label")["group"].nunique()
+    by_split = frame.groupby(["label", "fixed_split"]).size()
+    for name, count in table.class_counts().items():
+        cells = [name, str(count), f"{100 * count / len(frame):.1f}%", str(int(groups.get(name, 0)))]
+        cells += [str(int(by_split.get((name, split), 0))) for split in fixed]
+        counts.add_row(*cells)
+    return counts
+
+
 def _print_copies(console: Any, table: Any, config: DataConfig, csv_path: str | None) -> None:
     """Exact and near copies, copies with conflicting labels and copies across the dataset's own folders."""
     from pathlib import Path
 
-    from dermlab.data.duplicates import compute_image_hashes, copy_group_table, group_copies
+    from dermlab.data.duplicates import copy_group_table, group_copies
+    from dermlab.data.image_hashes import compute_image_hashes
     from dermlab.io import atomic_write_text
     from dermlab.training.progress import show_bars
 

@@ -105,45 +105,58 @@ def load_splits(path: str | Path, table: DatasetTable, left_out: Iterable[str] =
     path = Path(path)
     if path.is_dir():
         path = path / SPLITS_FILE
-    try:
-        saved = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise DataError(f"{path}: splits file not found") from None
-    except (OSError, ValueError, pd.errors.ParserError) as error:
-        raise DataError(f"{path}: cannot read splits file ({error})") from None
-    missing = [column for column in ("image_id", "split") if column not in saved.columns]
-    if missing:
-        raise DataError(f"{path}: missing column {missing[0]!r} (columns: {', '.join(saved.columns)})")
+    saved = _read_splits_file(path)
     line = pd.Series(np.arange(len(saved)) + 2, index=saved.index)  # header is line 1
     dropped = saved["image_id"].isin(set(left_out)) & ~saved["image_id"].isin(table.frame["image_id"])
     if dropped.any():
         first = saved["image_id"][dropped].iloc[0]
         _log.warning("%s: %d image(s) now left out as copies, e.g. %r", path, int(dropped.sum()), first)
         saved = saved[~dropped]
+    _check_saved_rows(path, saved, line, table)
+    known = pd.Series(table.frame.index, index=table.frame["image_id"].to_numpy())
+    splits = pd.Series(saved["split"].to_numpy(), index=known[saved["image_id"]].to_numpy(), name="split")
+    splits = splits.reindex(table.frame.index).astype(str)
+    leaked = _groups_in_several_splits(table, splits)
+    if leaked:
+        _log.warning("%s: %d group(s) appear in more than one split, e.g. %r", path, len(leaked), leaked[0])
+    return splits
+
+
+def _read_splits_file(path: Path) -> pd.DataFrame:
+    """A splits file as strings, with its ``image_id`` and ``split`` columns."""
+    try:
+        saved = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: splits file not found") from None
+    except (OSError, ValueError, pd.errors.ParserError) as error:
+        raise DataError(f"{path}: cannot read splits file ({error})") from None
+    absent = [column for column in ("image_id", "split") if column not in saved.columns]
+    if absent:
+        raise DataError(f"{path}: missing column {absent[0]!r} (columns: {', '.join(saved.columns)})")
+    return saved
+
+
+def _check_saved_rows(path: Path, saved: pd.DataFrame, line: pd.Series, table: DatasetTable) -> None:
+    """Refuse the first problem of a splits file against the dataset (one line, with the file's line number):
+    an unknown split, an image listed twice or not in the dataset, a dataset image not listed, a changed label."""
     bad_split = ~saved["split"].isin(SPLIT_NAMES)
     if bad_split.any():
         row = bad_split.idxmax()
-        raise DataError(
-            f"{path} line {line[row]}: split {saved['split'][row]!r} is not one of train, val, test"
-        )
+        raise DataError(f"{path} line {line[row]}: split {saved['split'][row]!r} is not one of train, val, test")
     duplicated = saved["image_id"].duplicated()
     if duplicated.any():
         row = duplicated.idxmax()
         raise DataError(f"{path} line {line[row]}: image id {saved['image_id'][row]!r} appears twice")
-    known = pd.Series(table.frame.index, index=table.frame["image_id"].to_numpy())
-    unknown = ~saved["image_id"].isin(known.index)
+    unknown = ~saved["image_id"].isin(table.frame["image_id"])
     if unknown.any():
         row = unknown.idxmax()
         raise DataError(
-            f"{path} line {line[row]}: image id {saved['image_id'][row]!r} is not in the dataset at "
-            f"{table.root}"
+            f"{path} line {line[row]}: image id {saved['image_id'][row]!r} is not in the dataset at {table.root}"
         )
     unlisted = ~table.frame["image_id"].isin(saved["image_id"])
     if unlisted.any():
         first = table.frame["image_id"][unlisted].iloc[0]
-        raise DataError(
-            f"{path}: {int(unlisted.sum())} image(s) of the dataset have no split, e.g. {first!r}"
-        )
+        raise DataError(f"{path}: {int(unlisted.sum())} image(s) of the dataset have no split, e.g. {first!r}")
     if "label" in saved.columns:
         current = table.frame.set_index("image_id")["label"]
         changed = saved["label"] != current[saved["image_id"]].to_numpy()
@@ -153,12 +166,6 @@ def load_splits(path: str | Path, table: DatasetTable, left_out: Iterable[str] =
                 f"{path} line {line[row]}: image {saved['image_id'][row]!r} has label "
                 f"{saved['label'][row]!r} here but {current[saved['image_id'][row]]!r} in the dataset"
             )
-    splits = pd.Series(saved["split"].to_numpy(), index=known[saved["image_id"]].to_numpy(), name="split")
-    splits = splits.reindex(table.frame.index).astype(str)
-    leaked = _groups_in_several_splits(table, splits)
-    if leaked:
-        _log.warning("%s: %d group(s) appear in more than one split, e.g. %r", path, len(leaked), leaked[0])
-    return splits
 
 
 def split_count_table(table: DatasetTable, splits: pd.Series) -> pd.DataFrame:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from dermlab.errors import DataError
@@ -248,9 +249,9 @@ def _add_paired_differences(
     if len({identity for identity in identities if identity}) > 1:
         comparison.warnings.append(_different_data_warning(names, predictions, loaded, split))
         return
-    lacking = [name for name, frame in zip(names, predictions) if frame is None]
     if resamples == 0:
         return
+    lacking = [name for name, frame in zip(names, predictions) if frame is None]
     if lacking:
         comparison.warnings.append(
             f"no eval/{split}/predictions.csv for {', '.join(lacking)}: "
@@ -259,25 +260,13 @@ def _add_paired_differences(
         )
         return
     baseline = predictions[0]
-    classes = [column.removeprefix("prob_") for column in baseline.columns if column.startswith("prob_")]
+    classes, y_true, probabilities = _scored_arrays(run_dirs[0] / "eval" / split / "predictions.csv", baseline)
     target = _shared_target(loaded)
     groups = _groups(run_dirs[0], baseline)
-    index = {name: i for i, name in enumerate(classes)}
-    unknown = sorted(set(baseline["true"]) - set(index))
-    if unknown:
-        raise DataError(
-            f"{run_dirs[0] / 'eval' / split / 'predictions.csv'}: labels {unknown} have no prob_ column"
-        )
-    y_true = baseline["true"].map(index).to_numpy(dtype=int)
-    probabilities = baseline[[f"prob_{name}" for name in classes]].to_numpy(dtype=float)
     for name, frame in zip(names[1:], predictions[1:]):
-        other_classes = [
-            column.removeprefix("prob_") for column in frame.columns if column.startswith("prob_")
-        ]
+        other_classes = _probability_classes(frame)
         if other_classes != classes:
-            comparison.warnings.append(
-                f"{name} has classes {other_classes}, the baseline {classes}: not tested"
-            )
+            comparison.warnings.append(f"{name} has classes {other_classes}, the baseline {classes}: not tested")
             continue
         aligned = frame.set_index("image_id").loc[baseline["image_id"]]
         result = paired_bootstrap(
@@ -291,16 +280,35 @@ def _add_paired_differences(
             target_class=target[0] if target else None,
             fixed_specificity=target[1] if target else 0.8,
         )
-        for column, entry in result.items():
-            if column not in comparison.values.columns or entry["interval"] is None:
-                continue
-            comparison.difference.loc[name, column] = _number(entry["difference"])
-            comparison.difference_low.loc[name, column], comparison.difference_high.loc[name, column] = entry[
-                "interval"
-            ]
-            comparison.significant.loc[name, column] = entry["significant"]
+        _fill_differences(comparison, name, result)
     unit = "lesion" if len(set(groups)) < len(groups) else "image"
     comparison.bootstrap = {"resamples": resamples, "seed": seed, "unit": unit}
+
+
+def _probability_classes(frame: pd.DataFrame) -> list[str]:
+    """The classes of a predictions frame, in the order of its ``prob_`` columns."""
+    return [column.removeprefix("prob_") for column in frame.columns if column.startswith("prob_")]
+
+
+def _scored_arrays(path: Path, frame: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Classes, true label indices and probabilities of a predictions frame read from ``path``."""
+    classes = _probability_classes(frame)
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted(set(frame["true"]) - set(index))
+    if unknown:
+        raise DataError(f"{path}: labels {unknown} have no prob_ column")
+    y_true = frame["true"].map(index).to_numpy(dtype=int)
+    return classes, y_true, frame[[f"prob_{name}" for name in classes]].to_numpy(dtype=float)
+
+
+def _fill_differences(comparison: RunComparison, name: str, result: dict[str, dict[str, Any]]) -> None:
+    """One run's paired differences from the baseline into the comparison's tables (tested columns only)."""
+    for column, entry in result.items():
+        if column not in comparison.values.columns or entry["interval"] is None:
+            continue
+        comparison.difference.loc[name, column] = _number(entry["difference"])
+        comparison.difference_low.loc[name, column], comparison.difference_high.loc[name, column] = entry["interval"]
+        comparison.significant.loc[name, column] = entry["significant"]
 
 
 def _different_data_warning(
