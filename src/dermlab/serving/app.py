@@ -15,6 +15,7 @@ the model calls.
 # imported inside create_app (FastAPI stays an optional dependency), so they must be evaluated in place.
 
 import secrets
+from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -67,9 +68,8 @@ def create_app(
     ``api_token``: when set, ``/predict`` and ``/explain`` need ``Authorization: Bearer <token>`` (401 otherwise).
     ``max_upload_bytes``: larger uploads get 413. ``max_pixels``: larger images are refused as decompression bombs.
     """
-    from fastapi import Depends, FastAPI, File, Form, HTTPException, UploadFile
+    from fastapi import Depends, FastAPI, File, Form, UploadFile
     from fastapi.responses import HTMLResponse, Response
-    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
     if max_upload_bytes < 1:
         raise ConfigError(f"max_upload_bytes must be >= 1, got {max_upload_bytes}")
@@ -80,18 +80,8 @@ def create_app(
         version=__version__,
         description=f"Skin-lesion image classifier `{predictor.model_id}`. **{DISCLAIMER.capitalize()}.**",
     )
-    app.add_middleware(
-        _UploadGuard,
-        max_body_bytes=max_upload_bytes + _MULTIPART_OVERHEAD,
-        api_token=token,
-    )
-    bearer = HTTPBearer(auto_error=False, description="the server's API token (only when it was started with one)")
-
-    def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if token is None:
-            return
-        if credentials is None or not _token_matches(credentials.credentials, token):
-            raise HTTPException(401, "missing or wrong API token", headers={"WWW-Authenticate": "Bearer"})
+    app.add_middleware(_UploadGuard, max_body_bytes=max_upload_bytes + _MULTIPART_OVERHEAD, api_token=token)
+    require_token = _token_dependency(token)
 
     def read_upload(file: UploadFile) -> Image.Image:
         return _upload_image(file, max_upload_bytes, max_pixels)
@@ -129,19 +119,48 @@ def create_app(
             None, description=f"class to explain (default: the predicted one); one of {predictor.classes}"
         ),
     ) -> Response:
-        target = target or None
-        if target is not None and target not in predictor.classes:
-            raise HTTPException(422, f"unknown class {target!r}; valid classes: {', '.join(predictor.classes)}")
-        if not getattr(predictor, "can_explain", True):
-            raise HTTPException(501, "Grad-CAM needs the torch engine; this server runs an ONNX export")
-        image = read_upload(file)
-        try:
-            png = predictor.explain(image, target=target)
-        except ConfigError as error:
-            raise HTTPException(422, str(error)) from None
+        target = _explainable_target(predictor, target)
+        png = _explanation_png(predictor, read_upload(file), target)
         return Response(content=png, media_type="image/png", headers={"X-Disclaimer": DISCLAIMER})
 
     return app
+
+
+def _token_dependency(token: str | None) -> Callable[..., None]:
+    """A FastAPI dependency refusing (401) a request without ``Authorization: Bearer <token>``; None: open."""
+    from fastapi import Depends, HTTPException
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+    bearer = HTTPBearer(auto_error=False, description="the server's API token (only when it was started with one)")
+
+    def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if token is None:
+            return
+        if credentials is None or not _token_matches(credentials.credentials, token):
+            raise HTTPException(401, "missing or wrong API token", headers={"WWW-Authenticate": "Bearer"})
+
+    return require_token
+
+
+def _explainable_target(predictor: SupportsPredict, target: str | None) -> str | None:
+    """The class ``/explain`` is asked for (None: the predicted one); 422 for an unknown class, 501 on ONNX."""
+    from fastapi import HTTPException
+
+    target = target or None
+    if target is not None and target not in predictor.classes:
+        raise HTTPException(422, f"unknown class {target!r}; valid classes: {', '.join(predictor.classes)}")
+    if not getattr(predictor, "can_explain", True):
+        raise HTTPException(501, "Grad-CAM needs the torch engine; this server runs an ONNX export")
+    return target
+
+
+def _explanation_png(predictor: SupportsPredict, image: Image.Image, target: str | None) -> bytes:
+    from fastapi import HTTPException
+
+    try:
+        return predictor.explain(image, target=target)
+    except ConfigError as error:
+        raise HTTPException(422, str(error)) from None
 
 
 def _upload_image(file: Any, max_upload_bytes: int, max_pixels: int | None) -> Image.Image:
