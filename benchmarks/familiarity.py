@@ -9,10 +9,12 @@ For every ``--runs`` run (its own TTA views, temperature and decision rule throu
   for a run trained before they existed, fitted here exactly as training now fits them (train split, identity
   view; val split with the run's views) without writing to the run;
 - **shift detection**: the AUROC, with a 95% bootstrap interval, of telling the ``--external`` images from the
-  run's own test images by each per-image score (the Mahalanobis distance of the pooled features, and the
-  logit scores the abstention rule had before: max probability, energy);
+  run's own test images by each per-image score: the level score (:mod:`dermlab.evaluation.level_statistics`:
+  channel statistics of each feature level of the backbone, fitted here on the train split, scaled on val), the
+  Mahalanobis distance of the pooled features, and the logit scores the abstention rule had before (max
+  probability, energy);
 - **per set**: the unusual share, shift score and warning of :meth:`FeatureStatistics.shift` on the test split
-  and on the external folder;
+  and on the external folder, and the unusual share by the level score;
 - **abstention**: rules fitted on val at the run's false-rejection target with the logit scores (as trained),
   with ``mahalanobis`` alone, and with both; for each, the share of test and external images marked uncertain,
   test accuracy on the accepted images, and how many of the external folder's images of ``--target`` that the
@@ -86,8 +88,11 @@ def _measure(run: Path, args: argparse.Namespace) -> dict[str, Any]:
         train_features = _outputs(loaded, data.rows("train"), ("identity",), batch)[1]
         statistics = fit_feature_statistics(train_features, outputs["val"][1], loaded.config.evaluation.feature_components)
     distances = {name: statistics.distance(features) for name, (_, features) in outputs.items()}
-    detection = _detection(outputs, distances, behaviour.temperature, args.resamples)
-    sets = {name: {**statistics.shift(outputs[name][1]).to_dict(), "threshold": statistics.shift_threshold(len(outputs[name][1]))}
+    level_scores, level_unusual = _level_scores(loaded, {"train": data.rows("train"), "val": data.rows("val"),
+                                                         "test": data.rows("test"), "external": external}, batch)
+    detection = _detection(outputs, distances, behaviour.temperature, args.resamples, level_scores)
+    sets = {name: {**statistics.shift(outputs[name][1]).to_dict(), "threshold": statistics.shift_threshold(len(outputs[name][1])),
+                   "level_unusual_share": level_unusual.get(name)}
             for name in ("test", "external")}
     truth = {"test": data.rows("test")["label"].to_numpy(), "external": external["label"].to_numpy()}
     rules = _rules(loaded, behaviour, outputs, statistics, truth, args.target)
@@ -95,12 +100,31 @@ def _measure(run: Path, args: argparse.Namespace) -> dict[str, Any]:
             "images": {name: int(len(d)) for name, d in distances.items()}, "detection": detection, "sets": sets, "rules": rules}
 
 
-def _detection(outputs: dict, distances: dict, temperature: float, resamples: int) -> dict[str, Any]:
+def _level_scores(loaded: Any, frames: dict[str, Any], batch: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Level statistics (:mod:`dermlab.evaluation.level_statistics`) fitted on train and val here; the test and
+    external images' level scores and unusual shares. Empty for a model without feature levels."""
+    from dermlab.errors import ConfigError
+    from dermlab.evaluation.evaluate import level_descriptors
+    from dermlab.evaluation.level_statistics import feature_levels, fit_level_statistics
+
+    try:
+        feature_levels(loaded.model)
+    except ConfigError as error:
+        print(f"no level statistics: {error}")
+        return {}, {}
+    descriptors = {name: level_descriptors(loaded, frame, batch_size=batch) for name, frame in frames.items()}
+    fitted = fit_level_statistics(descriptors["train"], descriptors["val"], loaded.config.evaluation.feature_components)
+    scores = {name: fitted.score(descriptors[name]) for name in ("test", "external")}
+    return scores, {name: float((score > fitted.unusual_score).mean()) for name, score in scores.items()}
+
+
+def _detection(outputs: dict, distances: dict, temperature: float, resamples: int, level_scores: dict) -> dict[str, Any]:
     """AUROC of external (positive) against test by each per-image score, higher = more external."""
     from dermlab.evaluation.abstention import compute_scores
 
     logit_scores = {name: compute_scores(outputs[name][0], ["max_probability", "energy"], temperature) for name in ("test", "external")}
     unfamiliarity = {
+        **({"level statistics (mean z over feature levels)": (level_scores["test"], level_scores["external"])} if level_scores else {}),
         "mahalanobis distance": (distances["test"], distances["external"]),
         "1 - max probability": (-logit_scores["test"]["max_probability"], -logit_scores["external"]["max_probability"]),
         "minus energy": (-logit_scores["test"]["energy"], -logit_scores["external"]["energy"]),
@@ -164,10 +188,13 @@ def _print(results: dict[str, Any], args: argparse.Namespace) -> None:
         )
         print_table(
             f"{run}: per set",
-            [[name, f"{s['unusual_share']:.3f}", f"{s['shift_score']:.3f} (val {s['reference_shift_score']:.3f})",
+            [[name, f"{s['unusual_share']:.3f}",
+              f"{s['level_unusual_share']:.3f}" if s.get("level_unusual_share") is not None else "-",
+              f"{s['shift_score']:.3f} (val {s['reference_shift_score']:.3f})",
               f"{s['threshold']:.3f}" if s["threshold"] is not None else "-", "yes" if s["warning"] else "no"]
              for name, s in result["sets"].items()],
-            ["images", "unusual share (expected 0.05)", "shift score", "1-in-100 threshold at this size", "warning"],
+            ["images", "unusual share (expected 0.05)", "by level statistics (expected 0.05)", "shift score",
+             "1-in-100 threshold at this size", "warning"],
         )
         target = args.target
         print_table(

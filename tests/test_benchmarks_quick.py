@@ -101,7 +101,10 @@ def test_every_benchmark_runs_quick_and_writes_its_json(tmp_path: Path) -> None:
     assert set(external["in_distribution"]["run"]) == {"adabn", "tent", "prior"}
     assert set(external["in_distribution"]["run"]["adabn"]["after"]) == {"accuracy", "balanced_accuracy", "auc_macro"}
     familiarity = json.loads((tmp_path / "results" / "familiarity-quick.json").read_text())["runs"]["run"]
-    assert set(familiarity["detection"]) == {"mahalanobis distance", "1 - max probability", "minus energy"}
+    assert set(familiarity["detection"]) == {
+        "level statistics (mean z over feature levels)", "mahalanobis distance", "1 - max probability", "minus energy"
+    }
+    assert all(0 <= familiarity["sets"][name]["level_unusual_share"] <= 1 for name in ("test", "external"))
     assert all(0 <= d["auroc"] <= 1 for d in familiarity["detection"].values())
     assert set(familiarity["rules"]) == {"as trained (logit scores)", "mahalanobis", "logit scores + mahalanobis"}
     trunk = json.loads((tmp_path / "results" / "stage2_trunk-quick.json").read_text())

@@ -43,6 +43,7 @@ __all__ = [
     "predict_logits",
     "predict_view_logits",
     "predict_view_outputs",
+    "level_descriptors",
     "predict_image_logits",
     "predictions_frame",
     "evaluate_frame",
@@ -122,6 +123,24 @@ def predict_view_outputs(
         logits = _view_logits_of_rows(loaded, frame, views, batch_size, num_workers, device, image_loader)
     features = view_features(pooled, len(views), int(getattr(loaded.model, "num_features", 0)))
     return logits, features if per_view else features.mean(axis=0)
+
+
+@torch.inference_mode()
+def level_descriptors(
+    loaded: LoadedModel,
+    frame: pd.DataFrame,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | None = None,
+    image_loader: Callable[[str], Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """Per feature level of the backbone, each image's channel means and deviations ``(N, 2C)`` (the identity
+    view, as evaluation preprocesses it): what :mod:`dermlab.evaluation.level_statistics` compares."""
+    from dermlab.evaluation.level_statistics import capture_levels, stack_levels
+
+    with capture_levels(loaded.model) as captured:
+        _view_logits_of_rows(loaded, frame, ("identity",), batch_size, num_workers, device, image_loader)
+    return stack_levels(captured)
 
 
 def view_features(pooled: Sequence[torch.Tensor], views: int, width: int) -> np.ndarray:
