@@ -67,8 +67,10 @@ def test_held_out_images_score_about_zero_and_a_shift_in_one_level_raises_the_sc
     moved = statistics.score(_levels(500, shift={"a": 2.0}, seed=4))
     assert abs(float(np.median(clean))) < 0.3
     assert float(np.median(moved)) > float(np.quantile(clean, 0.95))
-    assert 0.01 < statistics.unusual_share(_levels(500, seed=3)) < 0.12
-    assert statistics.unusual_share(_levels(500, shift={"a": 2.0}, seed=4)) > 0.8
+    home, away = statistics.verdict(_levels(500, seed=3)), statistics.verdict(_levels(500, shift={"a": 2.0}, seed=4))
+    assert 0.01 < home.unusual_share < 0.12 and home.warning is None
+    assert away.unusual_share > 0.8 and away.warning is not None and "look unlike" in away.warning
+    assert "WARNING" in away.describe() and "WARNING" not in home.describe()
     with pytest.raises(DataError, match="lack b"):
         statistics.score({"a": _levels(5)["a"]})
     with pytest.raises(DataError, match="same levels"):
@@ -119,3 +121,31 @@ def test_colour_shifted_images_score_higher_than_held_out_clean_ones(tmp_path: P
     clean = statistics.score(descriptors(_images(tmp_path / "clean", 30, skin, 2)))
     shifted = statistics.score(descriptors(_images(tmp_path / "shifted", 30, (120, 150, 210), 3)))
     assert float(np.median(shifted)) > float(np.quantile(clean, 0.95))
+
+
+def test_evaluate_on_another_folder_prints_the_level_verdict_and_scores_each_image(tmp_path: Path, capsys) -> None:
+    from dermlab.cli import main
+    from dermlab.evaluation.evaluate import level_descriptors
+
+    torch.manual_seed(0)
+    config = Config(model=ModelConfig(name="test_efficientnet", weights="none", input_size=[32, 32]))
+    model = create_model(config.model, 2, load_weights=False)
+    checkpoint = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    save_checkpoint(checkpoint, model, config, ["nv", "mel"], resolve_preprocessing(model, config.model))
+    loaded = load_checkpoint(checkpoint)
+    skin = (190, 140, 120)
+
+    def descriptors(paths: list[str]) -> dict[str, np.ndarray]:
+        return level_descriptors(loaded, pd.DataFrame({"path": paths}), batch_size=16)
+
+    statistics = fit_level_statistics(descriptors(_images(tmp_path / "train", 60, skin, 0)),
+                                      descriptors(_images(tmp_path / "val", 30, skin, 1)), components=16)
+    save_checkpoint(checkpoint, model, config, ["nv", "mel"], loaded.preprocessing, level_statistics=statistics.to_dict())
+    other = tmp_path / "other clinic"
+    paths = _images(other / "nv", 12, (120, 150, 210), 2) + _images(other / "mel", 12, (110, 140, 200), 3)
+    assert main(["evaluate", str(checkpoint), "--data", str(other)]) == 0
+    printed = capsys.readouterr().out
+    assert "look (level statistics)" in printed and "WARNING" in printed
+    (predictions_csv,) = (tmp_path / "run" / "eval").rglob("predictions.csv")
+    predictions = pd.read_csv(predictions_csv).set_index("path")
+    np.testing.assert_allclose(predictions.loc[paths, "level_score"], statistics.score(descriptors(paths)), rtol=1e-4, atol=1e-5)

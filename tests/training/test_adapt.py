@@ -125,6 +125,7 @@ def test_predict_adapt_predicts_with_the_model_adapted_on_those_images(tmp_path:
 
 def test_an_adapted_run_drops_the_feature_statistics_and_a_feature_score_rule_is_refused(tmp_path: Path) -> None:
     from dermlab.evaluation.familiarity import fit_feature_statistics
+    from dermlab.evaluation.level_statistics import fit_level_statistics
 
     rng = np.random.default_rng(0)
     source = _run(tmp_path / "run")
@@ -132,11 +133,12 @@ def test_an_adapted_run_drops_the_feature_statistics_and_a_feature_score_rule_is
     width = loaded.model.num_features
     statistics = fit_feature_statistics(rng.normal(size=(20, width)), rng.normal(size=(10, width)), components=4).to_dict()
     images = _images(tmp_path / "target")
+    levels = fit_level_statistics({"blocks.0": rng.normal(size=(20, 4))}, {"blocks.0": rng.normal(size=(10, 4))}, components=2).to_dict()
     save_checkpoint(source / "checkpoints" / "best.ckpt", loaded.model, loaded.config, CLASSES, loaded.preprocessing,
-                    temperature=1.5, feature_statistics=statistics)
+                    temperature=1.5, feature_statistics=statistics, level_statistics=levels)
     adapt_run(source, [images], tmp_path / "adapted", method="adabn", batch_size=3)
-    assert "feature_statistics" in load_checkpoint(source).extras
-    assert "feature_statistics" not in load_checkpoint(tmp_path / "adapted").extras
+    assert {"feature_statistics", "level_statistics"} <= set(load_checkpoint(source).extras)
+    assert not {"feature_statistics", "level_statistics"} & set(load_checkpoint(tmp_path / "adapted").extras)
     rule = {"thresholds": {"mahalanobis": -3.0}, "false_rejection": 0.05}
     save_checkpoint(source / "checkpoints" / "best.ckpt", loaded.model, loaded.config, CLASSES, loaded.preprocessing,
                     feature_statistics=statistics, abstention=rule)

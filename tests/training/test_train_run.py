@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -228,6 +229,18 @@ def test_train_and_summarise_reads_the_dataset_once_and_records_its_stages(ham_d
     assert metrics["stages"] == finished.training.stages and [line.split(":")[0] for line in metrics["stages"]] == ["stage1", "stage2"]
     assert metrics["label"] == "x" and {"val", "test"} <= set(metrics)
     assert finished.summary["test"]["n"] == int((pd.read_csv(tmp_path / "run" / "splits.csv")["split"] == "test").sum())
+    # the look of the training images at each feature level is stored, and every scored image gets its level score
+    from dermlab.evaluation.evaluate import level_descriptors
+    from dermlab.evaluation.inference import checkpoint_level_statistics
+    from dermlab.models.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(tmp_path / "run")
+    levels = checkpoint_level_statistics(loaded.extras, "best.ckpt")
+    assert levels is not None and list(levels.levels) == [entry["module"] for entry in loaded.model.backbone.feature_info]
+    predictions = pd.read_csv(tmp_path / "run" / "eval" / "test" / "predictions.csv")
+    test_rows = predictions[["path"]]
+    np.testing.assert_allclose(predictions["level_score"], levels.score(level_descriptors(loaded, test_rows)), rtol=1e-4, atol=1e-5)
+    assert 0 <= metrics["test"]["level_familiarity"]["unusual_share"] <= 1
 
 
 @pytest.mark.parametrize("frozen", [False, True])

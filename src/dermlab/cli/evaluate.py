@@ -113,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
         from dermlab.evaluation.familiarity import ShiftVerdict
 
         print(ShiftVerdict(**metrics["familiarity"]).describe())
+    if metrics.get("level_familiarity"):
+        from dermlab.evaluation.level_statistics import LevelVerdict
+
+        print(LevelVerdict(**metrics["level_familiarity"]).describe())
     print(f"wrote {out / 'metrics.json'} and {out / 'predictions.csv'}")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,11 @@ from dermlab.evaluation.inference import (
     InferenceBehaviour,
     checkpoint_abstention,
     checkpoint_feature_statistics,
+    checkpoint_level_statistics,
     checkpoint_temperature,
     resolve_behaviour,
 )
+from dermlab.evaluation.level_statistics import LevelStatistics, capture_levels, stack_levels
 from dermlab.evaluation.metrics import compute_metrics
 from dermlab.evaluation.plots import plot_confusion_matrix, plot_reliability_diagram, plot_roc_curves
 from dermlab.evaluation.present_classes import present_class_metrics
@@ -44,6 +47,7 @@ __all__ = [
     "predict_view_logits",
     "predict_view_outputs",
     "level_descriptors",
+    "LevelView",
     "predict_image_logits",
     "predictions_frame",
     "evaluate_frame",
@@ -136,8 +140,6 @@ def level_descriptors(
 ) -> dict[str, np.ndarray]:
     """Per feature level of the backbone, each image's channel means and deviations ``(N, 2C)`` (the identity
     view, as evaluation preprocesses it): what :mod:`dermlab.evaluation.level_statistics` compares."""
-    from dermlab.evaluation.level_statistics import capture_levels, stack_levels
-
     with capture_levels(loaded.model) as captured:
         _view_logits_of_rows(loaded, frame, ("identity",), batch_size, num_workers, device, image_loader)
     return stack_levels(captured)
@@ -355,7 +357,24 @@ def evaluate_frame(
         rule=behaviour.rule,
         features=features,
         statistics=statistics,
+        levels=_level_view(loaded, frame, batch_size, num_workers),
     )
+
+
+def _level_view(loaded: LoadedModel, frame: pd.DataFrame, batch_size: int, num_workers: int) -> LevelView | None:
+    """The checkpoint's level statistics and ``frame``'s level descriptors, or None when it has none."""
+    statistics = checkpoint_level_statistics(loaded.extras, str(loaded.path))
+    if statistics is None:
+        return None
+    return LevelView(statistics, level_descriptors(loaded, frame, batch_size=batch_size, num_workers=num_workers))
+
+
+@dataclass(frozen=True)
+class LevelView:
+    """Level statistics of the training images and the level descriptors of the images being scored."""
+
+    statistics: LevelStatistics
+    descriptors: dict[str, np.ndarray]
 
 
 def score_logits(
@@ -372,12 +391,15 @@ def score_logits(
     rule: str = "argmax",
     features: np.ndarray | None = None,
     statistics: FeatureStatistics | None = None,
+    levels: LevelView | None = None,
 ) -> dict[str, Any]:
     """Score view logits ``(V, N, C)`` (or ``(N, C)``) of labelled rows (see :func:`score_predictions`).
 
     ``features``: their pooled features ``(N, F)``, for an abstention rule with a feature score; with the
     training images' ``statistics`` too, predictions.csv gets each image's ``feature_distance`` and the
-    metrics ``familiarity`` (:meth:`FeatureStatistics.shift`: how unlike the training images they are).
+    metrics ``familiarity`` (:meth:`FeatureStatistics.shift`: how unlike the training images they are). With
+    ``levels``, predictions.csv gets each image's ``level_score`` and the metrics ``level_familiarity``
+    (:meth:`LevelStatistics.verdict`: how many look unlike the training images at the backbone's feature levels).
 
     The headline metrics are those of the argmax rule; with a fitted ``decision`` the metrics also hold
     ``rules`` (accuracy, balanced accuracy, macro F1 and per-class recall of each rule, with intervals) and
@@ -408,6 +430,9 @@ def score_logits(
         predictions["feature_distance"] = statistics.distance(features)
         if len(features) >= 2:
             extra["familiarity"] = statistics.shift(features).to_dict()
+    if levels is not None:
+        predictions["level_score"] = levels.statistics.score(levels.descriptors)
+        extra["level_familiarity"] = levels.statistics.verdict(levels.descriptors).to_dict()
     if abstention is not None:
         rejected = decisions.uncertain
         predictions["uncertain"] = rejected

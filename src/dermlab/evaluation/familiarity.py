@@ -35,7 +35,10 @@ from torch import nn
 
 from dermlab.errors import CheckpointError, ConfigError, DataError
 
-__all__ = ["FeatureStatistics", "ShiftVerdict", "capture_pooled", "fit_feature_statistics", "has_one_backbone", "UNUSUAL_QUANTILE"]
+__all__ = [
+    "FeatureStatistics", "ShiftVerdict", "capture_pooled", "fit_feature_statistics", "has_one_backbone", "share_is_unusual",
+    "UNUSUAL_QUANTILE",
+]
 
 #: The validation quantile of the distance above which an image counts as unusual.
 UNUSUAL_QUANTILE = 0.95
@@ -135,7 +138,7 @@ class FeatureStatistics:
         score = self.shift_score(features)
         threshold = self.shift_threshold(count)
         reasons = []
-        if count and _binomial_upper_tail(unusual, count, expected) < _WARNING_LEVEL:
+        if share_is_unusual(unusual, count):
             reasons.append(f"{share:.0%} of them are unusual where about {expected:.0%} is normal")
         if threshold is not None and score > threshold:
             reasons.append(f"their features are distributed unlike the training images' (shift score {score:.2f}, where "
@@ -271,6 +274,12 @@ def _as_features(features: torch.Tensor | np.ndarray, width: int | None = None) 
     if not torch.isfinite(values).all():
         raise DataError("pooled features hold NaN or infinite values")
     return values
+
+
+def share_is_unusual(unusual: int, count: int) -> bool:
+    """Whether ``unusual`` of ``count`` images beyond the val 95th percentile is clearly more than the 5% expected
+    of images of the training source (a one-sided binomial test at 1%)."""
+    return bool(count) and _binomial_upper_tail(unusual, count, 1.0 - UNUSUAL_QUANTILE) < _WARNING_LEVEL
 
 
 def _binomial_upper_tail(successes: int, trials: int, p: float) -> float:

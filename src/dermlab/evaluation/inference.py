@@ -20,11 +20,12 @@ import torch
 from dermlab.errors import CheckpointError
 from dermlab.evaluation.abstention import AbstentionRule
 from dermlab.evaluation.familiarity import FeatureStatistics
+from dermlab.evaluation.level_statistics import LevelStatistics
 from dermlab.evaluation.decision import RULES, DecisionRule, checkpoint_decision
 from dermlab.evaluation.tta import average_probabilities, resolve_tta_views
 
 __all__ = ["InferenceBehaviour", "Decisions", "resolve_behaviour", "checkpoint_temperature", "checkpoint_abstention",
-           "checkpoint_feature_statistics"]
+           "checkpoint_feature_statistics", "checkpoint_level_statistics"]
 
 TtaSetting = bool | str | Sequence[str] | None
 
@@ -158,6 +159,17 @@ def checkpoint_abstention(extras: Mapping[str, Any], source: str) -> AbstentionR
     """The ``abstention`` rule of a checkpoint's extras (with its ``feature_statistics``), or None."""
     value = extras.get("abstention")
     return AbstentionRule.from_dict(value, source, checkpoint_feature_statistics(extras, source)) if value else None
+
+
+def checkpoint_level_statistics(extras: Mapping[str, Any], source: str) -> LevelStatistics | None:
+    """The training images' level statistics of a checkpoint's extras, or None (fitted after training with the
+    feature statistics; see :mod:`dermlab.evaluation.level_statistics`)."""
+    value = extras.get("level_statistics")
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise CheckpointError(f"{source}: damaged level statistics (not a mapping)")
+    return LevelStatistics.from_dict(value, source)
 
 
 def checkpoint_feature_statistics(extras: Mapping[str, Any], source: str) -> FeatureStatistics | None:

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from dermlab.errors import CheckpointError, ConfigError, DataError
-from dermlab.evaluation.familiarity import UNUSUAL_QUANTILE, FeatureStatistics, fit_feature_statistics
+from dermlab.evaluation.familiarity import UNUSUAL_QUANTILE, FeatureStatistics, fit_feature_statistics, share_is_unusual
 
-__all__ = ["LevelStatistics", "capture_levels", "feature_levels", "fit_level_statistics", "stack_levels"]
+__all__ = ["LevelStatistics", "LevelVerdict", "capture_levels", "feature_levels", "fit_level_statistics", "stack_levels"]
 
 
 def feature_levels(model: nn.Module) -> list[str]:
@@ -77,6 +77,29 @@ def stack_levels(captured: Mapping[str, Sequence[torch.Tensor]]) -> dict[str, np
 
 
 @dataclass(frozen=True)
+class LevelVerdict:
+    """How many of some images look unlike the training images at the feature levels, and the warning."""
+
+    images: int
+    unusual_share: float
+    expected_share: float
+    warning: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"images": self.images, "unusual_share": self.unusual_share, "expected_share": self.expected_share,
+                "warning": self.warning}
+
+    def describe(self) -> str:
+        """One or two lines for the terminal."""
+        line = (
+            f"look (level statistics): {self.unusual_share:.0%} of these {self.images} images differ from the training "
+            f"images in colour, contrast or texture more than {UNUSUAL_QUANTILE:.0%} of the model's own validation "
+            f"images do (expected about {self.expected_share:.0%})"
+        )
+        return line + (f"\nWARNING: {self.warning}" if self.warning else "")
+
+
+@dataclass(frozen=True)
 class LevelStatistics:
     """One :class:`FeatureStatistics` per feature level, and each level's val scale of the log distance."""
 
@@ -97,10 +120,19 @@ class LevelStatistics:
         ]
         return np.mean(np.stack(scores, axis=1), axis=1)
 
-    def unusual_share(self, descriptors: Mapping[str, np.ndarray | torch.Tensor]) -> float:
-        """The share of images scoring above the val split's 95th percentile (about 0.05 at home)."""
+    def verdict(self, descriptors: Mapping[str, np.ndarray | torch.Tensor]) -> LevelVerdict:
+        """The dataset-level verdict: the unusual share, and a warning when it is clearly above 5%."""
         scores = self.score(descriptors)
-        return float((scores > self.unusual_score).mean()) if scores.size else 0.0
+        unusual, count = int((scores > self.unusual_score).sum()), int(scores.size)
+        share = unusual / count if count else 0.0
+        warning = None
+        if share_is_unusual(unusual, count):
+            warning = (
+                f"{share:.0%} of these images look unlike the ones this model was trained on, where about "
+                f"{1 - UNUSUAL_QUANTILE:.0%} is normal: another clinic, camera or population. Its figures from its own "
+                "test split do not apply here; check it on labelled images of this source before relying on it"
+            )
+        return LevelVerdict(count, share, 1.0 - UNUSUAL_QUANTILE, warning)
 
     def to_dict(self) -> dict[str, Any]:
         """Tensors and plain values (``weights_only=True`` reads it back)."""

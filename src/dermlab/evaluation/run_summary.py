@@ -7,6 +7,7 @@ Before scoring, the best checkpoint is completed with what is fitted on the val 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from dermlab.evaluation.abstention import AbstentionRule, fit_abstention, needs_
 from dermlab.evaluation.bootstrap import sensitivity_key
 from dermlab.evaluation.decision import DecisionRule, checkpoint_decision, fit_tau
 from dermlab.evaluation.evaluate import (
+    LevelView,
+    level_descriptors,
     _nll,
     predict_image_logits,
     predict_view_logits,
@@ -30,7 +33,8 @@ from dermlab.evaluation.evaluate import (
     view_features,
 )
 from dermlab.evaluation.familiarity import capture_pooled, fit_feature_statistics, has_one_backbone
-from dermlab.evaluation.inference import checkpoint_feature_statistics
+from dermlab.evaluation.inference import checkpoint_feature_statistics, checkpoint_level_statistics
+from dermlab.evaluation.level_statistics import capture_levels, feature_levels, fit_level_statistics, stack_levels
 from dermlab.evaluation.model_card import write_model_card
 from dermlab.evaluation.plots import plot_training_curves
 from dermlab.evaluation.report import write_report
@@ -64,7 +68,8 @@ def summarise_run(
     train = split_rows(frame, "train")
     with_features = bool(evaluation.feature_statistics) and "val" in rows and len(train) >= 3 and has_one_backbone(loaded.model)
     views, logits, features, tta_facts = _split_outputs(loaded, rows, batch_size, num_workers, with_features)
-    familiarity = _fit_feature_statistics(loaded, train, features, batch_size, num_workers) if with_features else {}
+    familiarity = _fit_feature_statistics(loaded, train, rows.get("val"), features, batch_size, num_workers) if with_features else {}
+    level_statistics = checkpoint_level_statistics(loaded.extras, str(loaded.path))
     prior = _train_prior(frame, loaded.classes)
     facts = _fit_on_val(loaded, rows.get("val"), logits.get("val"), views, prior, tta_facts, features.get("val"))
     rule = resolve_abstention(loaded)
@@ -84,6 +89,8 @@ def summarise_run(
             rule=decision.default if decision is not None else "argmax",
             features=features.get(split),
             statistics=checkpoint_feature_statistics(loaded.extras, str(loaded.path)),
+            levels=LevelView(level_statistics, level_descriptors(loaded, part, batch_size=batch_size, num_workers=num_workers))
+            if level_statistics is not None else None,
         )
     summary.update(facts)
     if familiarity:
@@ -273,17 +280,36 @@ def _choose_tta_on_val(
 
 
 def _fit_feature_statistics(
-    loaded: LoadedModel, train: pd.DataFrame, features: dict[str, np.ndarray], batch_size: int, num_workers: int
+    loaded: LoadedModel, train: pd.DataFrame, val: pd.DataFrame, features: dict[str, np.ndarray], batch_size: int, num_workers: int
 ) -> dict[str, Any]:
     """Fit the pooled-feature statistics on the train split (identity view), references on val (the run's
-    views), store them in the checkpoint (``feature_statistics``), return the per-split familiarity facts."""
-    _, train_features = predict_view_outputs(loaded, train, ("identity",), batch_size=batch_size, num_workers=num_workers)
-    statistics = fit_feature_statistics(train_features, features["val"], loaded.config.evaluation.feature_components)
-    update_checkpoint_metadata(loaded.path, feature_statistics=statistics.to_dict())
-    loaded.extras["feature_statistics"] = statistics.to_dict()
+    views), and the level statistics (train and val, identity view) when the backbone declares feature levels;
+    store them in the checkpoint (``feature_statistics``, ``level_statistics``), return the familiarity facts."""
+    components = loaded.config.evaluation.feature_components
+    with_levels = _has_feature_levels(loaded)
+    with capture_levels(loaded.model) if with_levels else contextlib.nullcontext({}) as captured:
+        _, train_features = predict_view_outputs(loaded, train, ("identity",), batch_size=batch_size, num_workers=num_workers)
+    statistics = fit_feature_statistics(train_features, features["val"], components)
+    stored = {"feature_statistics": statistics.to_dict()}
+    if with_levels:  # the look of each feature level: train's identity view (captured above), val's
+        val_levels = level_descriptors(loaded, val, batch_size=batch_size, num_workers=num_workers)
+        stored["level_statistics"] = fit_level_statistics(stack_levels(captured), val_levels, components).to_dict()
+    update_checkpoint_metadata(loaded.path, **stored)
+    loaded.extras.update(stored)
     log.info("feature statistics fitted on %d training images (%d axes)", statistics.images, statistics.eigenvalues.numel())
     return {"train_images": statistics.images, "axes": int(statistics.eigenvalues.numel()),
-            "unusual_distance": statistics.unusual_distance, "reference_shift_score": statistics.reference_shift_score}
+            "unusual_distance": statistics.unusual_distance, "reference_shift_score": statistics.reference_shift_score,
+            "level_statistics": sorted(stored.get("level_statistics", {}).get("levels", [])) or None}
+
+
+def _has_feature_levels(loaded: LoadedModel) -> bool:
+    """Whether the backbone declares feature levels for level statistics (a timm backbone does); else logged."""
+    try:
+        feature_levels(loaded.model)
+    except ConfigError as error:
+        log.info("no level statistics: %s", error)
+        return False
+    return True
 
 
 def _train_prior(frame: pd.DataFrame, classes: list[str]) -> list[float] | None:

@@ -227,7 +227,8 @@ def adapt_model(loaded: LoadedModel, paths: Sequence[Path], method: str = "adabn
         )
     if _changes_features(method):
         _refuse_untrained_statistics(loaded, method)
-        loaded.extras.pop("feature_statistics", None)  # they describe the source network's features, not the adapted one's
+        for key in ("feature_statistics", "level_statistics"):  # they describe the source network's features, not the adapted one's
+            loaded.extras.pop(key, None)
     decision = loaded.extras.get("decision") or {}
     options = {"temperature": checkpoint_temperature(loaded.extras, str(loaded.path)),
                "train_prior": decision.get("class_prior"),
