@@ -16,7 +16,8 @@ For every ``--runs`` run (its own TTA views, temperature and decision rule throu
 - **per set**: the unusual share, shift score and warning of :meth:`FeatureStatistics.shift` on the test split
   and on the external folder, and the unusual share by the level score;
 - **abstention**: rules fitted on val at the run's false-rejection target with the logit scores (as trained),
-  with ``mahalanobis`` alone, and with both; for each, the share of test and external images marked uncertain,
+  with ``mahalanobis`` alone, and with both; the level score alone above its val quantile at that target, and
+  the as-trained rule or the level score; for each, the share of test and external images marked uncertain,
   test accuracy on the accepted images, and how many of the external folder's images of ``--target`` that the
   as-trained rule answers confidently and wrongly the rule turns into "uncertain".
 
@@ -95,7 +96,7 @@ def _measure(run: Path, args: argparse.Namespace) -> dict[str, Any]:
                    "level_unusual_share": level_unusual.get(name)}
             for name in ("test", "external")}
     truth = {"test": data.rows("test")["label"].to_numpy(), "external": external["label"].to_numpy()}
-    rules = _rules(loaded, behaviour, outputs, statistics, truth, args.target)
+    rules = _rules(loaded, behaviour, outputs, statistics, truth, args.target, level_scores)
     return {"statistics_fitted_here": fitted_here, "views": list(behaviour.views), "train_images": statistics.images,
             "images": {name: int(len(d)) for name, d in distances.items()}, "detection": detection, "sets": sets, "rules": rules}
 
@@ -114,8 +115,8 @@ def _level_scores(loaded: Any, frames: dict[str, Any], batch: int) -> tuple[dict
         return {}, {}
     descriptors = {name: level_descriptors(loaded, frame, batch_size=batch) for name, frame in frames.items()}
     fitted = fit_level_statistics(descriptors["train"], descriptors["val"], loaded.config.evaluation.feature_components)
-    scores = {name: fitted.score(descriptors[name]) for name in ("test", "external")}
-    return scores, {name: float((score > fitted.unusual_score).mean()) for name, score in scores.items()}
+    scores = {name: fitted.score(descriptors[name]) for name in ("val", "test", "external")}
+    return scores, {name: float((scores[name] > fitted.unusual_score).mean()) for name in ("test", "external")}
 
 
 def _detection(outputs: dict, distances: dict, temperature: float, resamples: int, level_scores: dict) -> dict[str, Any]:
@@ -146,8 +147,11 @@ def _auroc_with_interval(inside: np.ndarray, outside: np.ndarray, resamples: int
     return {"auroc": float(roc_auc_score(labels, scores)), "interval": [float(low), float(high)]}
 
 
-def _rules(loaded: Any, behaviour: Any, outputs: dict, statistics: Any, truth: dict, target: str) -> dict[str, Any]:
-    """Each rule fitted on val; what it marks uncertain on test and external, and the confident errors it catches."""
+def _rules(loaded: Any, behaviour: Any, outputs: dict, statistics: Any, truth: dict, target: str, level_scores: dict) -> dict[str, Any]:
+    """Each rule fitted on val; what it marks uncertain on test and external, and the confident errors it catches.
+
+    With level scores, two more rules: the level score alone above its val quantile at the run's false-rejection
+    target, and the as-trained rule or that one (an image is uncertain when either says so)."""
     from dermlab.evaluation.abstention import fit_abstention
 
     evaluation = loaded.config.evaluation
@@ -156,23 +160,33 @@ def _rules(loaded: Any, behaviour: Any, outputs: dict, statistics: Any, truth: d
                                    behaviour.views, outputs["val"][1], statistics) for name, scores in RULES.items()}
     decisions = {name: {split: replace(behaviour, abstention=rule).decide(*outputs[split]) for split in ("test", "external")}
                  for name, rule in fitted.items()}
+    uncertain = {name: {split: decisions[name][split].uncertain for split in ("test", "external")} for name in decisions}
+    predicted = {split: decisions["as trained (logit scores)"][split].predicted for split in ("test", "external")}
+    if level_scores:
+        threshold = float(np.quantile(level_scores["val"], 1.0 - evaluation.abstain_false_rejection))
+        level = {split: level_scores[split] > threshold for split in ("test", "external")}
+        uncertain["level score"] = level
+        uncertain["logit scores or level score"] = {split: level[split] | uncertain["as trained (logit scores)"][split] for split in level}
+        fitted_rejection = {"level score": float((level_scores["val"] > threshold).mean())}
+        fitted_rejection["logit scores or level score"] = None  # the union's val share is not fitted
     reference = decisions["as trained (logit scores)"]["external"]
     is_target = truth["external"] == target
     confident_wrong = is_target & (reference.predicted != target_index) & ~reference.uncertain
     index = {name: i for i, name in enumerate(loaded.classes)}
     test_truth = np.array([index[label] for label in truth["test"]])
     table = {}
-    for name, by_split in decisions.items():
+    for name, by_split in uncertain.items():
         test, external = by_split["test"], by_split["external"]
-        accepted = ~test.uncertain
+        test_predicted = decisions[name]["test"].predicted if name in decisions else predicted["test"]
+        accepted = ~test
         table[name] = {
-            "scores": list(RULES[name]),
-            "val_rejection": fitted[name].val_rejection,
-            "test_uncertain": float(test.uncertain.mean()),
-            "test_accuracy_accepted": float((test.predicted[accepted] == test_truth[accepted]).mean()),
-            "external_uncertain": float(external.uncertain.mean()),
+            "scores": list(RULES.get(name, ("level",) if name == "level score" else ("max_probability", "energy", "level"))),
+            "val_rejection": fitted[name].val_rejection if name in fitted else fitted_rejection[name],
+            "test_uncertain": float(test.mean()),
+            "test_accuracy_accepted": float((test_predicted[accepted] == test_truth[accepted]).mean()),
+            "external_uncertain": float(external.mean()),
             f"external_{target}_confident_wrong_as_trained": int(confident_wrong.sum()),
-            f"external_{target}_of_those_now_uncertain": int((confident_wrong & external.uncertain).sum()),
+            f"external_{target}_of_those_now_uncertain": int((confident_wrong & external).sum()),
             f"external_{target}_images": int(is_target.sum()),
         }
     return table
@@ -199,10 +213,10 @@ def _print(results: dict[str, Any], args: argparse.Namespace) -> None:
         target = args.target
         print_table(
             f"{run}: abstention rules fitted on val",
-            [[name, f"{r['val_rejection']:.3f}", f"{r['test_uncertain']:.3f}", f"{r['test_accuracy_accepted']:.3f}",
+            [[name, f"{r['val_rejection']:.3f}" if r["val_rejection"] is not None else "-", f"{r['test_uncertain']:.3f}", f"{r['test_accuracy_accepted']:.3f}",
               f"{r['external_uncertain']:.3f}",
               f"{r[f'external_{target}_of_those_now_uncertain']} of {r[f'external_{target}_confident_wrong_as_trained']}"]
-             for name, r in result["rules"].items()],
+             for name, r in result["rules"].items()],  # val uncertain "-": not fitted (a union of two rules)
             ["rule", "val uncertain", "test uncertain", "test accuracy accepted", "external uncertain",
              f"confident wrong external {target} -> uncertain"],
         )
