@@ -14,8 +14,9 @@ Each row: the softmax restricted to the classes present (accuracy, balanced accu
 against the others present, with 95% bootstrap intervals over images), the target class's recall at the run's
 own decision rule over all its classes, and the share the abstention rule marks "uncertain". Then the
 in-distribution check: each method adapted on the run's own test images, and the change it makes to the test
-split's accuracy, balanced accuracy and macro AUC (it should be within noise). ``--quick``: a random tiny model on
-synthetic images (smoke test).
+split's accuracy, balanced accuracy and macro AUC (it should be within noise). With several runs, each later run's
+as-trained figures minus the first's on the same external images, with paired bootstrap intervals.
+``--methods``: only these methods. ``--quick``: a random tiny model on synthetic images (smoke test).
 
 Writes ``benchmarks/results/external.json`` (``--quick``: ``external-quick.json``).
 """
@@ -29,6 +30,9 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_common_arguments, print_table, synthetic_dataset, write_results  # noqa: E402
@@ -45,6 +49,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="images per adaptation batch (default 32)")
     parser.add_argument("--tent-epochs", type=int, default=1, help="TENT passes over the external images (default 1)")
     parser.add_argument("--tent-lr", type=float, default=1e-3, help="TENT Adam learning rate (default 1e-3)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="the methods to measure (default all; 'as trained' alone for a quick side-by-side of runs)")
     args = parser.parse_args()
     if args.quick:
         args.runs, args.external = _quick_setup(args.work)
@@ -52,13 +58,16 @@ def main() -> int:
         parser.error("--runs and --external are needed (or --quick)")
     rows, checks = [], {}
     for run in args.runs:
-        for method in METHODS:
+        for method in args.methods:
             rows.append({"run": run.name, "method": method, **_refused_or(lambda: _score_external(run, method, args))})
-        checks[run.name] = {method: _refused_or(lambda: _in_distribution_check(run, method, args)) for method in METHODS[1:]}
+        checks[run.name] = {method: _refused_or(lambda: _in_distribution_check(run, method, args)) for method in args.methods if method != "as trained"}
     scored = [r for r in rows if "refused" not in r]
     target = scored[0]["target"] if scored else "target"
+    paired = _paired_with_first(rows)
+    for row in rows:
+        row.pop("_restricted", None)
     args.runs, args.external = [str(run) for run in args.runs], str(args.external)  # plain data for the JSON
-    write_results("external", args, {"rows": rows, "in_distribution": checks})  # before printing: never lose the figures
+    write_results("external", args, {"rows": rows, "in_distribution": checks, "paired": paired})  # before printing: never lose the figures
     print_table(
         f"external: {args.external} (softmax restricted to the classes present; 95% intervals over images)",
         [[r["run"], r["method"], "refused: " + r["refused"][:60], "", "", "", "", ""] if "refused" in r else
@@ -67,13 +76,22 @@ def main() -> int:
           f"{r['uncertain']:.3f}"] for r in rows],
         ["run", "method", "accuracy", "balanced acc", f"AUC {target} vs rest", f"{target} recall (run's rule)", "by rule", "uncertain"],
     )
-    print_table(
-        "in distribution: each method adapted on the run's own test images, test split before -> after",
-        [[name, method, "refused", "", ""] if "refused" in c else
-         [name, method, *(f"{c['before'][k]:.3f} -> {c['after'][k]:.3f} ({c['after'][k] - c['before'][k]:+.3f})" for k in ("accuracy", "balanced_accuracy", "auc_macro"))]
-         for name, by_method in checks.items() for method, c in by_method.items()],
-        ["run", "method", "accuracy", "balanced accuracy", "macro AUC"],
-    )
+    if any(checks.values()):
+        print_table(
+            "in distribution: each method adapted on the run's own test images, test split before -> after",
+            [[name, method, "refused", "", ""] if "refused" in c else
+             [name, method, *(f"{c['before'][k]:.3f} -> {c['after'][k]:.3f} ({c['after'][k] - c['before'][k]:+.3f})" for k in ("accuracy", "balanced_accuracy", "auc_macro"))]
+             for name, by_method in checks.items() for method, c in by_method.items()],
+            ["run", "method", "accuracy", "balanced accuracy", "macro AUC"],
+        )
+    if paired:
+        print_table(
+            "as trained, paired on the same external images (95% bootstrap intervals over images)",
+            [[name, "refused: " + d["refused"], "", ""] if "refused" in d else
+             [name, *(f"{d[k]['difference']:+.3f} [{d[k]['interval'][0]:+.3f}, {d[k]['interval'][1]:+.3f}]" for k in ("accuracy", "balanced_accuracy", "auc_macro"))]
+             for name, d in paired.items()],
+            ["difference", "accuracy", "balanced accuracy", f"AUC {target} vs rest"],
+        )
     return 0
 
 
@@ -113,6 +131,7 @@ def _score_external(run: Path, method: str, args: argparse.Namespace) -> dict[st
     evaluation = replace(loaded.config.evaluation, bootstrap_resamples=1000)
     with tempfile.TemporaryDirectory() as out:
         metrics = evaluate_frame(loaded, table.frame, Path(out), evaluation)
+        predictions = pd.read_csv(Path(out) / "predictions.csv")
     present = metrics["present_classes"]
     restricted = present["restricted_softmax"]
     target = restricted.get("target", {}).get("class") or present["classes"][0]
@@ -133,7 +152,38 @@ def _score_external(run: Path, method: str, args: argparse.Namespace) -> dict[st
         "rule": rule,
         "uncertain": float((metrics.get("abstention") or {}).get("rejected", 0.0)),
         "images": int(metrics["n"]),
+        "_restricted": _restricted(predictions, present["classes"]),  # for the paired differences; not written
     }
+
+
+def _restricted(predictions: pd.DataFrame, present: list[str]) -> dict[str, Any]:
+    """Image ids, true labels and the softmax restricted to the classes present (rows by image id)."""
+    ordered = predictions.sort_values("image_id")
+    probabilities = ordered[[f"prob_{name}" for name in present]].to_numpy(dtype=np.float64)
+    return {"ids": ordered["image_id"].tolist(), "true": ordered["true"].tolist(), "classes": list(present),
+            "probabilities": probabilities / probabilities.sum(axis=1, keepdims=True)}
+
+
+def _paired_with_first(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """For every run after the first, its as-trained restricted accuracy, balanced accuracy and AUC minus the
+    first run's, on the same external images, with 95% paired bootstrap intervals over images."""
+    from dermlab.evaluation.bootstrap import paired_bootstrap
+
+    trained = [row for row in rows if row["method"] == "as trained" and "_restricted" in row]
+    if len(trained) < 2:
+        return {}
+    base = trained[0]["_restricted"]
+    index = {name: i for i, name in enumerate(base["classes"])}
+    paired = {}
+    for row in trained[1:]:
+        other = row["_restricted"]
+        if other["ids"] != base["ids"] or other["classes"] != base["classes"]:
+            paired[row["run"]] = {"refused": "not scored on the same images and classes as " + trained[0]["run"]}
+            continue
+        result = paired_bootstrap([index[label] for label in base["true"]], base["probabilities"], other["probabilities"],
+                                  base["classes"], resamples=1000, seed=0)
+        paired[f"{row['run']} - {trained[0]['run']}"] = {key: result[key] for key in ("accuracy", "balanced_accuracy", "auc_macro")}
+    return paired
 
 
 def _in_distribution_check(run: Path, method: str, args: argparse.Namespace) -> dict[str, Any]:
