@@ -426,13 +426,7 @@ def score_logits(
     if decision is not None:
         extra["decision_rule"] = rule
         extra["rules"] = rule_metrics(y_true, probabilities, classes, decision, evaluation, groups)
-    if statistics is not None and features is not None:
-        predictions["feature_distance"] = statistics.distance(features)
-        if len(features) >= 2:
-            extra["familiarity"] = statistics.shift(features).to_dict()
-    if levels is not None:
-        predictions["level_score"] = levels.statistics.score(levels.descriptors)
-        extra["level_familiarity"] = levels.statistics.verdict(levels.descriptors).to_dict()
+    extra.update(_familiarity_columns(predictions, features, statistics, levels))
     if abstention is not None:
         rejected = decisions.uncertain
         predictions["uncertain"] = rejected
@@ -450,6 +444,22 @@ def score_logits(
         extra=extra,
         groups=groups,
     )
+
+
+def _familiarity_columns(
+    predictions: pd.DataFrame, features: np.ndarray | None, statistics: FeatureStatistics | None, levels: LevelView | None
+) -> dict[str, Any]:
+    """Add ``feature_distance`` and ``level_score`` to ``predictions`` where their statistics exist; return the
+    set-level verdicts (``familiarity``, ``level_familiarity``)."""
+    facts: dict[str, Any] = {}
+    if statistics is not None and features is not None:
+        predictions["feature_distance"] = statistics.distance(features)
+        if len(features) >= 2:
+            facts["familiarity"] = statistics.shift(features).to_dict()
+    if levels is not None:
+        predictions["level_score"] = levels.statistics.score(levels.descriptors)
+        facts["level_familiarity"] = levels.statistics.verdict(levels.descriptors).to_dict()
+    return facts
 
 
 def _true_indices(predictions: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
