@@ -164,20 +164,20 @@ def checkpoint_abstention(extras: Mapping[str, Any], source: str) -> AbstentionR
 def checkpoint_level_statistics(extras: Mapping[str, Any], source: str) -> LevelStatistics | None:
     """The training images' level statistics of a checkpoint's extras, or None (fitted after training with the
     feature statistics; see :mod:`dermlab.evaluation.level_statistics`)."""
-    value = extras.get("level_statistics")
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        raise CheckpointError(f"{source}: damaged level statistics (not a mapping)")
-    return LevelStatistics.from_dict(value, source)
+    return _stored_statistics(extras, "level_statistics", "level statistics", LevelStatistics.from_dict, source)
 
 
 def checkpoint_feature_statistics(extras: Mapping[str, Any], source: str) -> FeatureStatistics | None:
     """The training images' pooled-feature statistics of a checkpoint's extras, or None (fitted after training
     when ``evaluation.feature_statistics`` is on; see :mod:`dermlab.evaluation.familiarity`)."""
-    value = extras.get("feature_statistics")
+    return _stored_statistics(extras, "feature_statistics", "feature statistics", FeatureStatistics.from_dict, source)
+
+
+def _stored_statistics(extras: Mapping[str, Any], key: str, what: str, read: Any, source: str) -> Any:
+    """``read(extras[key], source)``; None when absent, a CheckpointError naming ``what`` when not a mapping."""
+    value = extras.get(key)
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise CheckpointError(f"{source}: damaged feature statistics (not a mapping)")
-    return FeatureStatistics.from_dict(value, source)
+        raise CheckpointError(f"{source}: damaged {what} (not a mapping)")
+    return read(value, source)
