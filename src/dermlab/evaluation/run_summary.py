@@ -68,7 +68,8 @@ def summarise_run(
     train = split_rows(frame, "train")
     with_features = bool(evaluation.feature_statistics) and "val" in rows and len(train) >= 3 and has_one_backbone(loaded.model)
     views, logits, features, tta_facts = _split_outputs(loaded, rows, batch_size, num_workers, with_features)
-    familiarity = _fit_feature_statistics(loaded, train, rows.get("val"), features, batch_size, num_workers) if with_features else {}
+    familiarity, fitted_levels = (_fit_feature_statistics(loaded, train, rows.get("val"), features, batch_size, num_workers)
+                                  if with_features else ({}, {}))
     level_statistics = checkpoint_level_statistics(loaded.extras, str(loaded.path))
     prior = _train_prior(frame, loaded.classes)
     facts = _fit_on_val(loaded, rows.get("val"), logits.get("val"), views, prior, tta_facts, features.get("val"))
@@ -89,7 +90,8 @@ def summarise_run(
             rule=decision.default if decision is not None else "argmax",
             features=features.get(split),
             statistics=checkpoint_feature_statistics(loaded.extras, str(loaded.path)),
-            levels=LevelView(level_statistics, level_descriptors(loaded, part, batch_size=batch_size, num_workers=num_workers))
+            levels=LevelView(level_statistics, fitted_levels.get(split)
+                             or level_descriptors(loaded, part, batch_size=batch_size, num_workers=num_workers))
             if level_statistics is not None else None,
         )
     summary.update(facts)
@@ -280,11 +282,17 @@ def _choose_tta_on_val(
 
 
 def _fit_feature_statistics(
-    loaded: LoadedModel, train: pd.DataFrame, val: pd.DataFrame, features: dict[str, np.ndarray], batch_size: int, num_workers: int
-) -> dict[str, Any]:
+    loaded: LoadedModel,
+    train: pd.DataFrame,
+    val: pd.DataFrame,
+    features: dict[str, np.ndarray],
+    batch_size: int,
+    num_workers: int,
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """Fit the pooled-feature statistics on the train split (identity view), references on val (the run's
     views), and the level statistics (train and val, identity view) when the backbone declares feature levels;
-    store them in the checkpoint (``feature_statistics``, ``level_statistics``), return the familiarity facts."""
+    store them in the checkpoint (``feature_statistics``, ``level_statistics``). Returns the familiarity facts,
+    and the level descriptors computed here by split (val's), so that scoring val does not compute them again."""
     components = loaded.config.evaluation.feature_components
     with_levels = _has_feature_levels(loaded)
     with capture_levels(loaded.model) if with_levels else contextlib.nullcontext({}) as captured:
@@ -297,9 +305,10 @@ def _fit_feature_statistics(
     update_checkpoint_metadata(loaded.path, **stored)
     loaded.extras.update(stored)
     log.info("feature statistics fitted on %d training images (%d axes)", statistics.images, statistics.eigenvalues.numel())
-    return {"train_images": statistics.images, "axes": int(statistics.eigenvalues.numel()),
-            "unusual_distance": statistics.unusual_distance, "reference_shift_score": statistics.reference_shift_score,
-            "level_statistics": sorted(stored.get("level_statistics", {}).get("levels", [])) or None}
+    facts = {"train_images": statistics.images, "axes": int(statistics.eigenvalues.numel()),
+             "unusual_distance": statistics.unusual_distance, "reference_shift_score": statistics.reference_shift_score,
+             "level_statistics": sorted(stored.get("level_statistics", {}).get("levels", [])) or None}
+    return facts, ({"val": val_levels} if with_levels else {})
 
 
 def _has_feature_levels(loaded: LoadedModel) -> bool:
