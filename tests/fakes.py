@@ -10,6 +10,7 @@ import csv
 import random
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 HAM_CLASSES = ["nv", "mel", "bkl", "bcc", "akiec", "vasc", "df"]
@@ -86,3 +87,15 @@ def write_ham10000(root: Path, images_per_class: int = HAM_IMAGES_PER_CLASS) -> 
         writer.writerow(HAM_COLUMNS)
         writer.writerows(rows)
     return root
+
+
+def write_noise_images(folder: Path, count: int, colour: tuple[int, int, int], seed: int) -> list[str]:
+    """``count`` 40x40 PNGs of Gaussian noise (sd 25) around one RGB ``colour``, seeded; their paths."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        path = folder / f"{index}.png"
+        Image.fromarray(np.clip(rng.normal(colour, 25, (40, 40, 3)), 0, 255).astype(np.uint8)).save(path)
+        paths.append(str(path))
+    return paths

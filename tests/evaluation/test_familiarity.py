@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
+
+from fakes import write_noise_images
 
 from dermlab.config import Config, ModelConfig
 from dermlab.errors import CheckpointError, ConfigError, DataError
@@ -106,18 +107,6 @@ def test_the_mahalanobis_score_rejects_unfamiliar_features_that_the_logits_find_
     assert AbstentionRule.from_dict(rule.to_dict(), "x.ckpt", statistics).thresholds == rule.thresholds
 
 
-def _images(folder: Path, count: int, colour: tuple[int, int, int], seed: int) -> list[str]:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index in range(count):
-        pixels = np.clip(rng.normal(colour, 25, (40, 40, 3)), 0, 255).astype(np.uint8)
-        path = folder / f"{index}.png"
-        Image.fromarray(pixels).save(path)
-        paths.append(str(path))
-    return paths
-
-
 def test_the_shift_score_of_a_colour_shifted_image_set_exceeds_a_held_out_clean_one(tmp_path: Path) -> None:
     from dermlab.evaluation.evaluate import predict_view_outputs
 
@@ -132,10 +121,10 @@ def test_the_shift_score_of_a_colour_shifted_image_set_exceeds_a_held_out_clean_
 
     skin = (190, 140, 120)
     statistics = fit_feature_statistics(
-        features(_images(tmp_path / "train", 60, skin, 0)), features(_images(tmp_path / "val", 30, skin, 1)), components=16
+        features(write_noise_images(tmp_path / "train", 60, skin, 0)), features(write_noise_images(tmp_path / "val", 30, skin, 1)), components=16
     )
-    clean = statistics.shift(features(_images(tmp_path / "clean", 30, skin, 2)))
-    shifted = statistics.shift(features(_images(tmp_path / "shifted", 30, (120, 150, 210), 3)))
+    clean = statistics.shift(features(write_noise_images(tmp_path / "clean", 30, skin, 2)))
+    shifted = statistics.shift(features(write_noise_images(tmp_path / "shifted", 30, (120, 150, 210), 3)))
     assert shifted.shift_score > 3 * clean.shift_score
     assert shifted.unusual_share > clean.unusual_share
     assert shifted.warning is not None and clean.warning is None

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
+
+from fakes import write_noise_images
 
 from dermlab.config import Config, ModelConfig
 from dermlab.errors import CheckpointError, ConfigError, DataError
@@ -92,17 +93,6 @@ def test_level_statistics_survive_a_checkpoint_read_with_weights_only_and_damage
         LevelStatistics.from_dict({"levels": ["a"]})
 
 
-def _images(folder: Path, count: int, colour: tuple[int, int, int], seed: int) -> list[str]:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index in range(count):
-        path = folder / f"{index}.png"
-        Image.fromarray(np.clip(rng.normal(colour, 25, (40, 40, 3)), 0, 255).astype(np.uint8)).save(path)
-        paths.append(str(path))
-    return paths
-
-
 def test_colour_shifted_images_score_higher_than_held_out_clean_ones(tmp_path: Path) -> None:
     from dermlab.evaluation.evaluate import level_descriptors
 
@@ -116,10 +106,10 @@ def test_colour_shifted_images_score_higher_than_held_out_clean_ones(tmp_path: P
         return level_descriptors(loaded, pd.DataFrame({"path": paths}), batch_size=16)
 
     skin = (190, 140, 120)
-    statistics = fit_level_statistics(descriptors(_images(tmp_path / "train", 60, skin, 0)),
-                                      descriptors(_images(tmp_path / "val", 30, skin, 1)), components=16)
-    clean = statistics.score(descriptors(_images(tmp_path / "clean", 30, skin, 2)))
-    shifted = statistics.score(descriptors(_images(tmp_path / "shifted", 30, (120, 150, 210), 3)))
+    statistics = fit_level_statistics(descriptors(write_noise_images(tmp_path / "train", 60, skin, 0)),
+                                      descriptors(write_noise_images(tmp_path / "val", 30, skin, 1)), components=16)
+    clean = statistics.score(descriptors(write_noise_images(tmp_path / "clean", 30, skin, 2)))
+    shifted = statistics.score(descriptors(write_noise_images(tmp_path / "shifted", 30, (120, 150, 210), 3)))
     assert float(np.median(shifted)) > float(np.quantile(clean, 0.95))
 
 
@@ -138,11 +128,11 @@ def test_evaluate_on_another_folder_prints_the_level_verdict_and_scores_each_ima
     def descriptors(paths: list[str]) -> dict[str, np.ndarray]:
         return level_descriptors(loaded, pd.DataFrame({"path": paths}), batch_size=16)
 
-    statistics = fit_level_statistics(descriptors(_images(tmp_path / "train", 60, skin, 0)),
-                                      descriptors(_images(tmp_path / "val", 30, skin, 1)), components=16)
+    statistics = fit_level_statistics(descriptors(write_noise_images(tmp_path / "train", 60, skin, 0)),
+                                      descriptors(write_noise_images(tmp_path / "val", 30, skin, 1)), components=16)
     save_checkpoint(checkpoint, model, config, ["nv", "mel"], loaded.preprocessing, level_statistics=statistics.to_dict())
     other = tmp_path / "other clinic"
-    paths = _images(other / "nv", 12, (120, 150, 210), 2) + _images(other / "mel", 12, (110, 140, 200), 3)
+    paths = write_noise_images(other / "nv", 12, (120, 150, 210), 2) + write_noise_images(other / "mel", 12, (110, 140, 200), 3)
     assert main(["evaluate", str(checkpoint), "--data", str(other)]) == 0
     printed = capsys.readouterr().out
     assert "look (level statistics)" in printed and "WARNING" in printed
