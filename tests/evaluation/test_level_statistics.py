@@ -139,3 +139,57 @@ def test_evaluate_on_another_folder_prints_the_level_verdict_and_scores_each_ima
     (predictions_csv,) = (tmp_path / "run" / "eval").rglob("predictions.csv")
     predictions = pd.read_csv(predictions_csv).set_index("path")
     np.testing.assert_allclose(predictions.loc[paths, "level_score"], statistics.score(descriptors(paths)), rtol=1e-4, atol=1e-5)
+
+
+def test_the_level_score_joins_the_abstention_rule_and_needs_its_statistics() -> None:
+    from dermlab.evaluation.abstention import AbstentionRule, fit_abstention, needs_levels
+
+    statistics = fit_level_statistics(_levels(400), _levels(200, seed=1), components=8)
+    confident = np.tile(np.array([[[12.0, 0.0]]]), (1, 200, 1))  # the logits alone accept every image
+    rule = fit_abstention(confident, 0.05, ["level"], levels=_levels(200, seed=2), level_statistics=statistics)
+    assert rule.needs_levels and not rule.needs_features and needs_levels(["energy", "level"]) and not needs_levels(["energy"])
+    home, away = _levels(100, seed=3), _levels(100, shift={"a": 3.0}, seed=4)
+    looks = {level: np.concatenate([home[level], away[level]]) for level in home}
+    rejected = rule.reject(confident, levels=looks)
+    assert rejected[:100].mean() < 0.15 and rejected[100:].mean() > 0.9
+    with pytest.raises(ConfigError, match="level descriptors"):
+        rule.reject(confident)
+    with pytest.raises(CheckpointError, match="no level statistics"):
+        AbstentionRule.from_dict(rule.to_dict(), "x.ckpt")
+    assert AbstentionRule.from_dict(rule.to_dict(), "x.ckpt", level_statistics=statistics).reject(confident, levels=looks).tolist() == rejected.tolist()
+
+
+def test_a_level_rule_without_feature_statistics_is_refused_before_training() -> None:
+    from dermlab.config import EvaluationConfig
+    from dermlab.training.checks import check_names
+
+    config = Config(evaluation=EvaluationConfig(abstain_scores=["energy", "level"], feature_statistics=False))
+    with pytest.raises(ConfigError, match="has level, which needs evaluation.feature_statistics: true"):
+        check_names(config)
+    check_names(Config(evaluation=EvaluationConfig(abstain_scores=["energy", "level"])))
+
+
+def test_predict_writes_each_level_score_and_prints_the_look_verdict(tmp_path: Path, capsys) -> None:
+    from dermlab.cli import main
+    from dermlab.evaluation.evaluate import level_descriptors
+
+    torch.manual_seed(0)
+    config = Config(model=ModelConfig(name="test_efficientnet", weights="none", input_size=[32, 32]))
+    model = create_model(config.model, 2, load_weights=False)
+    checkpoint = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    save_checkpoint(checkpoint, model, config, ["nv", "mel"], resolve_preprocessing(model, config.model))
+    loaded = load_checkpoint(checkpoint)
+
+    def descriptors(paths: list[str]) -> dict[str, np.ndarray]:
+        return level_descriptors(loaded, pd.DataFrame({"path": paths}), batch_size=16)
+
+    skin = (190, 140, 120)
+    statistics = fit_level_statistics(descriptors(write_noise_images(tmp_path / "train", 60, skin, 0)),
+                                      descriptors(write_noise_images(tmp_path / "val", 30, skin, 1)), components=16)
+    save_checkpoint(checkpoint, model, config, ["nv", "mel"], loaded.preprocessing, level_statistics=statistics.to_dict())
+    paths = write_noise_images(tmp_path / "other clinic", 16, (120, 150, 210), 2)
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", str(checkpoint), *paths, "--out", str(out)]) == 0
+    assert "look (level statistics)" in capsys.readouterr().err
+    predictions = pd.read_csv(out).set_index("path")
+    np.testing.assert_allclose(predictions.loc[paths, "level_score"], statistics.score(descriptors(paths)), rtol=1e-4, atol=1e-5)

@@ -177,3 +177,59 @@ def test_feature_statistics_and_a_mahalanobis_rule_travel_into_the_onnx_export(r
     np.testing.assert_allclose(a.feature_distance, b.feature_distance, rtol=1e-3, atol=1e-4)
     assert a.uncertain.tolist() == b.uncertain.tolist() and a.reasons == b.reasons
     assert np.abs(a.probabilities - b.probabilities).max() < 1e-4
+
+
+def test_level_statistics_and_a_level_rule_travel_into_the_onnx_export(predictor, images, tmp_path):
+    """The export gains one output per feature level and the level statistics: the same level scores, verdicts
+    and reasons as torch, and the scores are those of the statistics on the identity view's descriptors."""
+    import torch
+
+    from dermlab.evaluation.abstention import fit_abstention
+    from dermlab.evaluation.familiarity import fit_feature_statistics
+    from dermlab.evaluation.level_statistics import capture_levels, fit_level_statistics, stack_levels
+    from dermlab.models.checkpoint import load_checkpoint, save_checkpoint
+    from dermlab.serving.onnx_export import export_onnx
+
+    photos = [images.sample((40 + i % 7, 36), seed=i) for i in range(30)]
+    model = predictor.loaded.model
+    with torch.inference_mode(), capture_levels(model) as captured:
+        pooled = model.forward_features(predictor.preprocess(photos)).numpy()
+    descriptors = stack_levels(captured)
+    train, val = ({level: d[part] for level, d in descriptors.items()} for part in (slice(0, 20), slice(20, None)))
+    levels = fit_level_statistics(train, val, components=8)
+    features = fit_feature_statistics(pooled[:20], pooled[20:], components=8)
+    logits = predictor.tta_logits(predictor.preprocess(photos[20:])).numpy()
+    rule = fit_abstention(logits, 0.2, ["energy", "level"], levels=val, level_statistics=levels)
+    loaded = predictor.loaded
+    root = tmp_path / "run"
+    save_checkpoint(root / "checkpoints" / "best.ckpt", model, loaded.config, loaded.classes, loaded.preprocessing,
+                    feature_statistics=features.to_dict(), level_statistics=levels.to_dict(), abstention=rule.to_dict())
+    torch_predictor = Predictor(load_checkpoint(root))
+    onnx_path = export_onnx(torch_predictor.loaded, root / "export" / "model.onnx")
+    assert json.loads((onnx_path.parent / "model.onnx.json").read_text())["level_outputs"]["outputs"] == {
+        level: f"level_{index}" for index, level in enumerate(levels.levels)
+    }
+    onnx_predictor = Predictor.from_path(onnx_path, engine="onnx")
+    assert onnx_predictor.level_statistics is not None and onnx_predictor.behaviour.needs_levels
+    odd = [images.sample((60, 50), seed=100 + i).point(lambda v: 255 - v) for i in range(4)]
+    batch = photos[:20] + odd
+    a, b = torch_predictor.predict_with_abstention(batch), onnx_predictor.predict_with_abstention(batch)
+    with torch.inference_mode(), capture_levels(model) as captured:
+        model.forward_features(predictor.preprocess(batch))
+    np.testing.assert_allclose(a.level_score, levels.score(stack_levels(captured)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a.level_score, b.level_score, rtol=1e-3, atol=1e-4)
+    flipped_only = Predictor(load_checkpoint(root), tta=["hflip"]).predict_with_abstention(batch)  # views without identity
+    np.testing.assert_allclose(flipped_only.level_score, a.level_score, rtol=1e-5, atol=1e-6)  # still the identity view's
+    assert a.uncertain.any() and not a.uncertain.all()
+    assert any("level" in reasons for reasons in a.reasons)
+    assert a.uncertain.tolist() == b.uncertain.tolist() and a.reasons == b.reasons
+    assert not model.backbone.get_submodule(levels.levels[0])._forward_hooks  # the export's recorders are gone
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from dermlab.serving.app import create_app
+
+    client = TestClient(create_app(onnx_predictor))
+    answer = client.post("/predict", files={"file": ("x.png", images.encode(odd[0]), "image/png")}).json()
+    assert answer["level_score"] == pytest.approx(float(b.level_score[20]), rel=1e-3, abs=1e-4)
+    assert answer["uncertain"] == bool(b.uncertain[20]) and answer["uncertain_reasons"] == b.reasons[20]

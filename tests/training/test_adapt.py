@@ -145,6 +145,12 @@ def test_an_adapted_run_drops_the_feature_statistics_and_a_feature_score_rule_is
     with pytest.raises(ConfigError, match="mahalanobis"):
         adapt_run(source, [images], tmp_path / "adapted2", method="adabn", batch_size=3)
     assert not (tmp_path / "adapted2").exists()
+    save_checkpoint(source / "checkpoints" / "best.ckpt", loaded.model, loaded.config, CLASSES, loaded.preprocessing,
+                    feature_statistics=statistics, level_statistics=levels,
+                    abstention={"thresholds": {"energy": 0.0, "level": -2.0}, "false_rejection": 0.05})
+    with pytest.raises(ConfigError, match="uses level, a distance"):
+        adapt_run(source, [images], tmp_path / "adapted3", method="tent", batch_size=3)
+    assert not (tmp_path / "adapted3").exists()
 
 
 def test_em_recovers_the_class_shares_of_a_target_set_from_calibrated_posteriors() -> None:

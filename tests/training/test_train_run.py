@@ -222,7 +222,8 @@ def test_train_and_summarise_reads_the_dataset_once_and_records_its_stages(ham_d
     reads = []
     real = run_data.load_dataset
     monkeypatch.setattr(run_data, "load_dataset", lambda *args, **kwargs: reads.append(args) or real(*args, **kwargs))
-    config = _config(ham_dir, "train.stage1_epochs=1", "train.stage2_epochs=1", "data.augmentation=none")
+    config = _config(ham_dir, "train.stage1_epochs=1", "train.stage2_epochs=1", "data.augmentation=none",
+                     "evaluation.abstain_scores=[max_probability,energy,level]")
     finished = train_and_summarise(config, tmp_path / "run", extras={"label": "x"})
     assert len(reads) == 1  # training and scoring share one read of the dataset
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -241,6 +242,10 @@ def test_train_and_summarise_reads_the_dataset_once_and_records_its_stages(ham_d
     test_rows = predictions[["path"]]
     np.testing.assert_allclose(predictions["level_score"], levels.score(level_descriptors(loaded, test_rows)), rtol=1e-4, atol=1e-5)
     assert 0 <= metrics["test"]["level_familiarity"]["unusual_share"] <= 1
+    # the level score joins the abstention rule: fitted on val, every image below its threshold is "uncertain"
+    level_threshold = metrics["abstention"]["thresholds"]["level"]
+    assert predictions.loc[-predictions["level_score"] < level_threshold - 1e-6, "uncertain"].all()
+    assert set(metrics["ood_rejection"]) == {"solid colours", "noise textures", "patterns"}
 
 
 @pytest.mark.parametrize("frozen", [False, True])

@@ -127,15 +127,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_familiarity(predictor: Any, results: list) -> None:
-    """The dataset-level shift verdict of the predicted images (a model with feature statistics, 2+ images)."""
-    if predictor.statistics is None:
+    """The dataset-level verdicts of the predicted images (2+ images): the shift of their pooled features and
+    how many look unlike the training images at the feature levels, for a model with those statistics."""
+    import numpy as np
+
+    levels = getattr(predictor, "level_statistics", None)
+    if predictor.statistics is None and levels is None:
         print("note: this model has no feature statistics (an ensemble, an adabn/tent adaptation, a run trained before "
               "they existed or without a train and val split): no check of how familiar these images are", file=sys.stderr)
         return
-    if len(results) >= 2:
-        import numpy as np
-
+    if len(results) < 2:
+        return
+    if predictor.statistics is not None:
         print(predictor.statistics.shift(np.stack([result.features for result in results])).describe(), file=sys.stderr)
+    if levels is not None:
+        print(levels.verdict_of_scores(np.asarray([result.level_score for result in results])).describe(), file=sys.stderr)
 
 
 def _read_metadata(args: argparse.Namespace, predictor: Any) -> Any:
@@ -195,7 +201,8 @@ def _predictions_table(
     adjustment), ``predicted_argmax`` and ``predicted_balanced`` give both.
 
     With ``abstention``, an ``uncertain`` column follows (True where the checkpoint's rule abstains); with
-    feature statistics in the checkpoint, ``feature_distance`` (to the training images; typical about 1). With
+    feature statistics in the checkpoint, ``feature_distance`` (to the training images; typical about 1); with
+    level statistics, ``level_score`` (how unlike the training images' look, about 0 at home). With
     ``metadata`` (a fusion model), ``metadata`` (``used``, ``partial`` or ``missing``) and ``metadata_missing``
     (the unknown fields, ``;``-separated) say what the model was given for each image.
 
@@ -223,6 +230,8 @@ def _predictions_table(
         table["uncertain"] = [bool(result.uncertain) for result in results]
     if all(result.feature_distance is not None for result in results):
         table["feature_distance"] = [result.feature_distance for result in results]
+    if all(result.level_score is not None for result in results):
+        table["level_score"] = [result.level_score for result in results]
     if metadata:
         from dermlab.data.metadata import PatientMetadata
 

@@ -9,6 +9,10 @@ Each score maps logits to one number per image, higher meaning "more like the tr
   images' (:mod:`dermlab.evaluation.familiarity`; Lee et al., 2018): it sees images unlike the training set
   even when the classifier is confident about them. It needs the features and the checkpoint's
   ``feature_statistics``.
+- ``level``: minus the image's level score (:mod:`dermlab.evaluation.level_statistics`: how far its colour,
+  contrast and texture statistics at each of the backbone's feature levels are from the training images', on the
+  identity view): it sees another clinic's or camera's images, which the pooled features hardly tell apart. It
+  needs the images' level descriptors and the checkpoint's ``level_statistics``.
 
 With test-time augmentation each score is averaged over the views (features: their mean over the views). A rule keeps one threshold per chosen score
 and rejects an image when any score falls below its threshold. The thresholds are set on the validation
@@ -30,6 +34,7 @@ import torch
 
 from dermlab.errors import CheckpointError, ConfigError, DataError
 from dermlab.evaluation.familiarity import FeatureStatistics
+from dermlab.evaluation.level_statistics import LevelStatistics
 from dermlab.registry import Registry
 
 __all__ = [
@@ -39,6 +44,7 @@ __all__ = [
     "ScoreInputs",
     "compute_scores",
     "needs_features",
+    "needs_levels",
     "fit_abstention",
     "abstention_summary",
     "synthetic_non_lesion_images",
@@ -51,13 +57,16 @@ UNCERTAIN_MESSAGE = (
 
 @dataclass(frozen=True)
 class ScoreInputs:
-    """What a score may read: view logits ``(V, N, C)`` float64, the temperature and, for feature scores, the
-    pooled features ``(N, F)`` (averaged over the views) with the checkpoint's feature statistics."""
+    """What a score may read: view logits ``(V, N, C)`` float64, the temperature, for feature scores the pooled
+    features ``(N, F)`` (averaged over the views) with the checkpoint's feature statistics, and for the level
+    score the level descriptors (per level ``(N, 2C)``, identity view) with the checkpoint's level statistics."""
 
     logits: torch.Tensor
     temperature: float
     features: np.ndarray | None = None
     statistics: FeatureStatistics | None = None
+    levels: Mapping[str, np.ndarray] | None = None
+    level_statistics: LevelStatistics | None = None
 
 
 _ScoreFn = Callable[[ScoreInputs], torch.Tensor]
@@ -84,9 +93,27 @@ def _mahalanobis(inputs: ScoreInputs) -> torch.Tensor:
 _mahalanobis.needs_features = True  # type: ignore[attr-defined]
 
 
+@ABSTENTION_SCORES.register("level")
+def _level(inputs: ScoreInputs) -> torch.Tensor:
+    if inputs.levels is None or inputs.level_statistics is None:
+        raise ConfigError("the abstention score level needs the images' level descriptors and the checkpoint's level statistics")
+    scores = inputs.level_statistics.score(inputs.levels)
+    if len(scores) != inputs.logits.shape[1]:
+        raise DataError(f"{len(scores)} level descriptor rows for {inputs.logits.shape[1]} images")
+    return torch.from_numpy(-scores)
+
+
+_level.needs_levels = True  # type: ignore[attr-defined]
+
+
 def needs_features(names: Sequence[str]) -> bool:
     """Whether any of the named scores reads pooled features (a feature score)."""
     return any(getattr(ABSTENTION_SCORES.get(name), "needs_features", False) for name in names)
+
+
+def needs_levels(names: Sequence[str]) -> bool:
+    """Whether any of the named scores reads the level descriptors (``level``)."""
+    return any(getattr(ABSTENTION_SCORES.get(name), "needs_levels", False) for name in names)
 
 
 def _as_view_logits(logits: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -109,12 +136,15 @@ def compute_scores(
     temperature: float = 1.0,
     features: np.ndarray | None = None,
     statistics: FeatureStatistics | None = None,
+    levels: Mapping[str, np.ndarray] | None = None,
+    level_statistics: LevelStatistics | None = None,
 ) -> dict[str, np.ndarray]:
     """Each named score of every image: ``{name: (N,)}``, from logits ``(V, N, C)`` or ``(N, C)`` (and, for a
-    feature score, the pooled features ``(N, F)`` with the feature statistics)."""
+    feature score, the pooled features ``(N, F)`` with the feature statistics; for ``level``, the level
+    descriptors with the level statistics)."""
     if not (np.isfinite(temperature) and temperature > 0):
         raise ConfigError(f"temperature must be a finite number > 0, got {temperature}")
-    inputs = ScoreInputs(_as_view_logits(logits), float(temperature), features, statistics)
+    inputs = ScoreInputs(_as_view_logits(logits), float(temperature), features, statistics, levels, level_statistics)
     return {name: ABSTENTION_SCORES.get(name)(inputs).double().numpy() for name in names}
 
 
@@ -130,16 +160,25 @@ class AbstentionRule:
     quantile: float = 0.0
     fitted_on: str = "val"
     extra: dict[str, Any] = field(default_factory=dict)
-    # the checkpoint's feature statistics, for a rule with a feature score (stored beside the rule, not in it)
+    # the checkpoint's feature and level statistics, for a rule with a feature or level score (stored beside the
+    # rule, not in it)
     statistics: FeatureStatistics | None = field(default=None, compare=False, repr=False)
+    level_statistics: LevelStatistics | None = field(default=None, compare=False, repr=False)
 
     @property
     def needs_features(self) -> bool:
         """Whether the rule reads pooled features (it has a feature score such as ``mahalanobis``)."""
         return needs_features(list(self.thresholds))
 
-    def scores(self, logits: torch.Tensor | np.ndarray, features: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        return compute_scores(logits, list(self.thresholds), self.temperature, features, self.statistics)
+    @property
+    def needs_levels(self) -> bool:
+        """Whether the rule reads the images' level descriptors (it has the ``level`` score)."""
+        return needs_levels(list(self.thresholds))
+
+    def scores(
+        self, logits: torch.Tensor | np.ndarray, features: np.ndarray | None = None, levels: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        return compute_scores(logits, list(self.thresholds), self.temperature, features, self.statistics, levels, self.level_statistics)
 
     def reasons(self, scores: Mapping[str, np.ndarray]) -> list[list[str]]:
         """For each image, the scores that fell below their threshold (empty = accepted)."""
@@ -147,9 +186,11 @@ class AbstentionRule:
         count = len(next(iter(below.values()))) if below else 0
         return [[name for name, flags in below.items() if flags[i]] for i in range(count)]
 
-    def reject(self, logits: torch.Tensor | np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+    def reject(
+        self, logits: torch.Tensor | np.ndarray, features: np.ndarray | None = None, levels: Mapping[str, np.ndarray] | None = None
+    ) -> np.ndarray:
         """Boolean ``(N,)``: True where the rule abstains."""
-        return _rejected(self.scores(logits, features), self.thresholds)
+        return _rejected(self.scores(logits, features, levels), self.thresholds)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (``weights_only=True`` can read it back)."""
@@ -166,7 +207,11 @@ class AbstentionRule:
 
     @classmethod
     def from_dict(
-        cls, data: Mapping[str, Any], source: str = "checkpoint", statistics: FeatureStatistics | None = None
+        cls,
+        data: Mapping[str, Any],
+        source: str = "checkpoint",
+        statistics: FeatureStatistics | None = None,
+        level_statistics: LevelStatistics | None = None,
     ) -> AbstentionRule:
         try:
             thresholds = {str(name): float(value) for name, value in dict(data["thresholds"]).items()}
@@ -180,6 +225,7 @@ class AbstentionRule:
                 fitted_on=str(data.get("fitted_on", "val")),
                 extra=dict(data.get("extra") or {}),
                 statistics=statistics,
+                level_statistics=level_statistics,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise CheckpointError(f"{source}: damaged abstention settings ({error!r})") from None
@@ -190,6 +236,8 @@ class AbstentionRule:
             raise CheckpointError(f"{source}: damaged abstention settings (no thresholds or a bad temperature)")
         if rule.needs_features and statistics is None:
             raise CheckpointError(f"{source}: the abstention rule uses a feature score but there are no feature statistics")
+        if rule.needs_levels and level_statistics is None:
+            raise CheckpointError(f"{source}: the abstention rule uses the level score but there are no level statistics")
         return rule
 
 
@@ -206,19 +254,22 @@ def fit_abstention(
     views: Sequence[str] = ("identity",),
     features: np.ndarray | None = None,
     statistics: FeatureStatistics | None = None,
+    levels: Mapping[str, np.ndarray] | None = None,
+    level_statistics: LevelStatistics | None = None,
 ) -> AbstentionRule:
     """Thresholds on validation logits ``(V, N, C)`` so the rule rejects at most ``false_rejection`` of them.
 
     With one score its threshold is the ``false_rejection`` quantile of that score. With several, each sits at
     the same quantile ``q <= false_rejection``, the largest whose union of rejections stays within the target.
-    A feature score also needs the validation images' pooled ``features`` and the ``statistics``.
+    A feature score also needs the validation images' pooled ``features`` and the ``statistics``; ``level`` their
+    ``levels`` descriptors and the ``level_statistics``.
     """
     if not 0.0 < false_rejection < 1.0:
         raise ConfigError(f"false_rejection must be in (0, 1), got {false_rejection}")
     if not scores:
         raise ConfigError("abstention needs at least one score")
     names = list(dict.fromkeys(scores))
-    values = compute_scores(logits, names, temperature, features, statistics)
+    values = compute_scores(logits, names, temperature, features, statistics, levels, level_statistics)
 
     def thresholds_at(q: float) -> dict[str, float]:
         # "lower" keeps each threshold an observed value, so exactly the images strictly below it are rejected
@@ -246,6 +297,7 @@ def fit_abstention(
         views=tuple(views),
         quantile=float(low),
         statistics=statistics if needs_features(names) else None,
+        level_statistics=level_statistics if needs_levels(names) else None,
     )
 
 

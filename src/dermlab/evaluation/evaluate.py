@@ -412,7 +412,7 @@ def score_logits(
     """
     logits = np.asarray(logits)
     behaviour = InferenceBehaviour(tuple(views), temperature, abstention, decision, rule)
-    decisions = behaviour.decide(logits, features)  # as predict and serve
+    decisions = behaviour.decide(logits, features, levels.descriptors if levels is not None else None)  # as predict and serve
     probabilities = decisions.probabilities
     raw = average_probabilities(logits, 1.0) if temperature != 1.0 else probabilities
     predictions = predictions_frame(frame, classes, probabilities)

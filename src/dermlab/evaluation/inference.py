@@ -66,13 +66,21 @@ class InferenceBehaviour:
         """Whether :meth:`decide` needs the pooled features (the abstention rule has a feature score)."""
         return self.abstention is not None and self.abstention.needs_features
 
-    def decide(self, logits: torch.Tensor | np.ndarray, features: np.ndarray | None = None) -> Decisions:
+    @property
+    def needs_levels(self) -> bool:
+        """Whether :meth:`decide` needs the level descriptors (the abstention rule has the ``level`` score)."""
+        return self.abstention is not None and self.abstention.needs_levels
+
+    def decide(
+        self, logits: torch.Tensor | np.ndarray, features: np.ndarray | None = None, levels: Mapping[str, np.ndarray] | None = None
+    ) -> Decisions:
         """The decision rule: probabilities, argmax, and "uncertain" where the abstention rule rejects
-        (``features``: the images' pooled features ``(N, F)``, when :attr:`needs_features`)."""
+        (``features``: the images' pooled features ``(N, F)``, when :attr:`needs_features`; ``levels``: their
+        level descriptors on the identity view, when :attr:`needs_levels`)."""
         probabilities = self.probabilities(logits)
         count = probabilities.shape[0]
         if self.abstention is not None and count:
-            scores = self.abstention.scores(logits, features)
+            scores = self.abstention.scores(logits, features, levels)
             reasons = self.abstention.reasons(scores)
         else:
             scores, reasons = {}, [[] for _ in range(count)]
@@ -156,9 +164,13 @@ def checkpoint_temperature(extras: Mapping[str, Any], source: str) -> float:
 
 
 def checkpoint_abstention(extras: Mapping[str, Any], source: str) -> AbstentionRule | None:
-    """The ``abstention`` rule of a checkpoint's extras (with its ``feature_statistics``), or None."""
+    """The ``abstention`` rule of a checkpoint's extras (with its feature and level statistics), or None."""
     value = extras.get("abstention")
-    return AbstentionRule.from_dict(value, source, checkpoint_feature_statistics(extras, source)) if value else None
+    if not value:
+        return None
+    return AbstentionRule.from_dict(
+        value, source, checkpoint_feature_statistics(extras, source), checkpoint_level_statistics(extras, source)
+    )
 
 
 def checkpoint_level_statistics(extras: Mapping[str, Any], source: str) -> LevelStatistics | None:

@@ -31,7 +31,7 @@ from torch import nn
 from dermlab.errors import CheckpointError, ConfigError, DataError
 from dermlab.evaluation.familiarity import UNUSUAL_QUANTILE, FeatureStatistics, fit_feature_statistics, share_is_unusual
 
-__all__ = ["LevelStatistics", "LevelVerdict", "capture_levels", "feature_levels", "fit_level_statistics", "stack_levels"]
+__all__ = ["LevelStatistics", "LevelVerdict", "capture_levels", "channel_moments", "feature_levels", "fit_level_statistics", "stack_levels"]
 
 
 def feature_levels(model: nn.Module) -> list[str]:
@@ -48,6 +48,13 @@ def feature_levels(model: nn.Module) -> list[str]:
     return levels
 
 
+def channel_moments(maps: torch.Tensor) -> torch.Tensor:
+    """A level's descriptor: the channel means, then the channel standard deviations, of maps ``(N, C, H, W)``
+    as ``(N, 2C)`` float32 (traceable, so an ONNX export computes it in its graph)."""
+    flat = maps.float().flatten(2)
+    return torch.cat([flat.mean(dim=2), flat.std(dim=2, correction=0)], dim=1)
+
+
 @contextlib.contextmanager
 def capture_levels(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]]:
     """While open, every forward pass appends to ``captured[level]`` the ``(N, 2C)`` channel means and standard
@@ -58,8 +65,7 @@ def capture_levels(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]]:
 
     def hook(level: str) -> Any:
         def record(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-            maps = output.detach().float().flatten(2)
-            captured[level].append(torch.cat([maps.mean(dim=2), maps.std(dim=2, correction=0)], dim=1).cpu())
+            captured[level].append(channel_moments(output.detach()).cpu())
 
         return record
 
@@ -122,7 +128,11 @@ class LevelStatistics:
 
     def verdict(self, descriptors: Mapping[str, np.ndarray | torch.Tensor]) -> LevelVerdict:
         """The dataset-level verdict: the unusual share, and a warning when it is clearly above 5%."""
-        scores = self.score(descriptors)
+        return self.verdict_of_scores(self.score(descriptors))
+
+    def verdict_of_scores(self, scores: np.ndarray) -> LevelVerdict:
+        """:meth:`verdict` from the images' level scores ``(N,)``."""
+        scores = np.asarray(scores, dtype=np.float64)
         unusual, count = int((scores > self.unusual_score).sum()), int(scores.size)
         share = unusual / count if count else 0.0
         warning = None

@@ -17,7 +17,7 @@ import pandas as pd
 
 from dermlab.data.splits import split_rows
 from dermlab.errors import ConfigError
-from dermlab.evaluation.abstention import AbstentionRule, fit_abstention, needs_features, synthetic_non_lesion_images
+from dermlab.evaluation.abstention import AbstentionRule, fit_abstention, needs_features, needs_levels, synthetic_non_lesion_images
 from dermlab.evaluation.bootstrap import sensitivity_key
 from dermlab.evaluation.decision import DecisionRule, checkpoint_decision, fit_tau
 from dermlab.evaluation.evaluate import (
@@ -72,7 +72,7 @@ def summarise_run(
                                   if with_features else ({}, {}))
     level_statistics = checkpoint_level_statistics(loaded.extras, str(loaded.path))
     prior = _train_prior(frame, loaded.classes)
-    facts = _fit_on_val(loaded, rows.get("val"), logits.get("val"), views, prior, tta_facts, features.get("val"))
+    facts = _fit_on_val(loaded, rows.get("val"), logits.get("val"), views, prior, tta_facts, features.get("val"), fitted_levels.get("val"))
     rule = resolve_abstention(loaded)
     decision = checkpoint_decision(loaded.extras, str(loaded.path))
     summary: dict[str, Any] = {}
@@ -338,9 +338,11 @@ def _fit_on_val(
     prior: list[float] | None = None,
     tta_facts: dict[str, Any] | None = None,
     features: np.ndarray | None = None,
+    levels: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Fit the temperature, the abstention rule and the balanced rule's tau (``evaluation.logit_adjustment``,
     with the training ``prior``) on val, store them in the checkpoint with the chosen TTA views, return the facts.
+    ``features`` and ``levels`` (val's pooled features and level descriptors) serve a feature or level score.
 
     Without a val split nothing is fitted and the checkpoint keeps what it holds.
     """
@@ -360,9 +362,13 @@ def _fit_on_val(
         if needs_features(evaluation.abstain_scores) and (statistics is None or features is None):
             raise ConfigError("evaluation.abstain_scores has mahalanobis, but no feature statistics could be fitted "
                               "(they need one backbone, not an ensemble, a train split of at least 3 images and a val split)")
+        level_statistics = checkpoint_level_statistics(loaded.extras, str(loaded.path)) if needs_levels(evaluation.abstain_scores) else None
+        if needs_levels(evaluation.abstain_scores) and (level_statistics is None or levels is None):
+            raise ConfigError("evaluation.abstain_scores has level, but no level statistics could be fitted (they need "
+                              "one timm backbone that declares feature levels, a train split of at least 3 images and a val split)")
         rule = fit_abstention(
             logits, evaluation.abstain_false_rejection, evaluation.abstain_scores, temperature=temperature, views=views,
-            features=features, statistics=statistics,
+            features=features, statistics=statistics, levels=levels, level_statistics=level_statistics,
         )
     entries: dict[str, Any] = {"abstention": rule.to_dict() if rule is not None else None}
     if fitted:
@@ -397,11 +403,16 @@ def _non_lesion_rejection(
     height, width = loaded.preprocessing.input_size
     shares = {}
     for kind, images in synthetic_non_lesion_images((width, height), per_kind=8, seed=0).items():
+        features = levels = None
         if rule.needs_features:
             with capture_pooled(loaded.model) as pooled:
                 logits = predict_image_logits(loaded, images, views, batch_size=batch_size)
             features = view_features(pooled, len(views), loaded.model.num_features).mean(axis=0)
-            shares[kind] = float(rule.reject(logits, features).mean())
         else:
-            shares[kind] = float(rule.reject(predict_image_logits(loaded, images, views, batch_size=batch_size)).mean())
+            logits = predict_image_logits(loaded, images, views, batch_size=batch_size)
+        if rule.needs_levels:  # the identity view, as the level statistics were fitted
+            with capture_levels(loaded.model) as captured:
+                predict_image_logits(loaded, images, ("identity",), batch_size=batch_size)
+            levels = stack_levels(captured)
+        shares[kind] = float(rule.reject(logits, features, levels).mean())
     return shares

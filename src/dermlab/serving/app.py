@@ -218,12 +218,14 @@ def _prediction_answer(predictor: Any, image: Image.Image, record: PatientMetada
     """``/predict``'s answer: probabilities, the class of each decision rule, abstention and the disclaimer."""
     abstaining = getattr(predictor, "predict_with_abstention", None)
     rows = [record] if takes_metadata else None
-    distance = None
+    distance = look = None
     if abstaining is not None:
         result = abstaining([image], rows) if rows is not None else abstaining([image])
         probabilities, uncertain, reasons = result.probabilities[0], bool(result.uncertain[0]), result.reasons[0]
         if getattr(result, "feature_distance", None) is not None:
             distance = float(result.feature_distance[0])
+        if getattr(result, "level_score", None) is not None:
+            look = float(result.level_score[0])
     else:  # a predictor without abstention support
         probabilities, uncertain, reasons = predictor.predict_images([image])[0], False, []
     by_rule = _classes_by_rule(predictor, probabilities)
@@ -239,6 +241,7 @@ def _prediction_answer(predictor: Any, image: Image.Image, record: PatientMetada
         "message": UNCERTAIN_MESSAGE if uncertain else None,
         "uncertain_reasons": reasons,
         "feature_distance": distance,  # to the training images' features (typical: about 1); None without statistics
+        "level_score": look,  # how unlike the training images it looks (about 0 at home); None without level statistics
         "metadata": _metadata_answer(record) if takes_metadata else None,
         "model_id": predictor.model_id,
         "disclaimer": DISCLAIMER,

@@ -8,7 +8,10 @@ temperature and abstention rule are stored in the metadata, not folded into the 
 behaves as the checkpoint does. A checkpoint with feature statistics (:mod:`dermlab.evaluation.familiarity`)
 exports a second output, ``features`` (the pooled backbone features ``(N, F)``), and the statistics as a
 second metadata entry, ``dermlab_feature_statistics`` (a base64 ``.npz``): the ONNX engine then gives the same
-familiarity warning and the same ``mahalanobis`` abstention score as torch.
+familiarity warning and the same ``mahalanobis`` abstention score as torch. With level statistics
+(:mod:`dermlab.evaluation.level_statistics`) it also outputs each feature level's descriptor (``level_0``,
+``level_1``, ...: channel means and deviations ``(N, 2C)``, computed in the graph) and stores the statistics as
+``dermlab_level_statistics``: the same ``level_score`` per image, warning and ``level`` abstention score.
 """
 
 from __future__ import annotations
@@ -33,17 +36,19 @@ from dermlab.data.metadata import (
     metadata_layout,
 )
 from dermlab.errors import CheckpointError
+from dermlab.evaluation.level_statistics import channel_moments
 from dermlab.io import atomic_save, atomic_write_json
 from dermlab.models.checkpoint import LoadedModel
 from dermlab.models.classifier import uses_metadata
 
-__all__ = ["DEFAULT_OPSET", "FEATURE_STATISTICS_KEY", "decode_feature_statistics", "encode_feature_statistics",
-           "export_onnx", "onnx_metadata"]
+__all__ = ["DEFAULT_OPSET", "FEATURE_STATISTICS_KEY", "LEVEL_STATISTICS_KEY", "decode_feature_statistics",
+           "decode_level_statistics", "encode_feature_statistics", "encode_level_statistics", "export_onnx", "onnx_metadata"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 FEATURE_STATISTICS_KEY = "dermlab_feature_statistics"
+LEVEL_STATISTICS_KEY = "dermlab_level_statistics"
 _PARITY_TOLERANCE = 1e-3  # max |logit (and feature) difference| accepted between torch and onnxruntime after export
 
 
@@ -69,6 +74,11 @@ def onnx_metadata(loaded: LoadedModel) -> dict[str, Any]:
             {"name": "features", "statistics": f"metadata_props[{FEATURE_STATISTICS_KEY!r}], base64 npz"}
             if _has_feature_statistics(loaded) else None
         ),
+        "level_outputs": (
+            {"outputs": _level_output_names(loaded), "statistics": f"metadata_props[{LEVEL_STATISTICS_KEY!r}], base64 npz",
+             "view": "identity"}
+            if _level_output_names(loaded) else None
+        ),
         "source_checkpoint": str(loaded.path),
         "disclaimer": "research tool, not a medical device",
     }
@@ -90,8 +100,9 @@ def export_onnx(
     out = Path(out)
     model: torch.nn.Module = loaded.model.eval().cpu()
     with_features = _has_feature_statistics(loaded)
-    if with_features:
-        model = _LogitsAndFeatures(model).eval()  # a new module starts in training mode, which export restores
+    levels = _level_output_names(loaded)
+    if with_features:  # a new module starts in training mode, which export restores
+        model = _LogitsAndFeatures(model, list(levels)).eval()
     height, width = loaded.preprocessing.input_size
     dummy: tuple[torch.Tensor, ...] = (torch.randn(2, 3, height, width),)
     if uses_metadata(model):  # one image with its metadata known, one with all of it unknown
@@ -99,7 +110,7 @@ def export_onnx(
     metadata = onnx_metadata(loaded)
 
     def write(tmp: Path) -> None:
-        _torch_export(model, dummy, tmp, opset, ["logits", "features"] if with_features else ["logits"])
+        _torch_export(model, dummy, tmp, opset, ["logits", "features", *levels.values()] if with_features else ["logits"])
         proto = onnx.load(str(tmp))
         del proto.metadata_props[:]
         entry = proto.metadata_props.add()
@@ -107,13 +118,20 @@ def export_onnx(
         if with_features:
             entry = proto.metadata_props.add()
             entry.key, entry.value = FEATURE_STATISTICS_KEY, encode_feature_statistics(loaded.extras["feature_statistics"])
+        if levels:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = LEVEL_STATISTICS_KEY, encode_level_statistics(loaded.extras["level_statistics"])
         proto.doc_string = f"dermlab {metadata['model_id']}: research tool, not a medical device"
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
         if check:
             _check_parity(model, tmp, dummy)
 
-    atomic_save(out, write)
+    try:
+        atomic_save(out, write)
+    finally:
+        if isinstance(model, _LogitsAndFeatures):
+            model.remove_hooks()
     atomic_write_json(out.with_name(out.name + ".json"), metadata)
     return out
 
@@ -130,20 +148,45 @@ def _metadata_input() -> dict[str, Any]:
 
 
 class _LogitsAndFeatures(torch.nn.Module):
-    """The classifier with its pooled features as a second output (for the familiarity statistics)."""
+    """The classifier with its pooled features as a second output (for the familiarity statistics) and, for
+    each of ``levels`` (module names inside ``model.backbone``), that level's channel moments."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, levels: list[str] | None = None) -> None:
         super().__init__()
         self.model = model
+        self.levels = list(levels or [])
+        self._found: dict[str, torch.Tensor] = {}
+        self._hooks = [model.backbone.get_submodule(level).register_forward_hook(self._recorder(level)) for level in self.levels]
 
-    def forward(self, x: torch.Tensor, metadata: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def remove_hooks(self) -> None:
+        """Detach the level recorders from the wrapped model (after the export)."""
+        for handle in self._hooks:
+            handle.remove()
+
+    def _recorder(self, level: str) -> Any:
+        def record(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            self._found[level] = channel_moments(output)
+
+        return record
+
+    def forward(self, x: torch.Tensor, metadata: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        self._found = {}
         pooled = self.model.forward_features(x)
         logits = self.model.forward_head(pooled) if metadata is None else self.model.forward_head(pooled, metadata)
-        return logits, pooled
+        return (logits, pooled, *(self._found[level] for level in self.levels))
 
 
 def _has_feature_statistics(loaded: LoadedModel) -> bool:
     return loaded.extras.get("feature_statistics") is not None
+
+
+def _level_output_names(loaded: LoadedModel) -> dict[str, str]:
+    """The graph output of each feature level (``{module name: "level_0", ...}``), when the checkpoint has level
+    statistics (which are only fitted with the feature statistics)."""
+    stored = loaded.extras.get("level_statistics")
+    if not stored or not _has_feature_statistics(loaded):
+        return {}
+    return {str(level): f"level_{index}" for index, level in enumerate(stored["levels"])}
 
 
 def encode_feature_statistics(statistics: dict[str, Any]) -> str:
@@ -157,9 +200,42 @@ def decode_feature_statistics(text: str, source: str) -> dict[str, Any]:
     """The inverse of :func:`encode_feature_statistics`; damaged text raises a CheckpointError naming ``source``."""
     try:
         with np.load(io.BytesIO(base64.b64decode(text.encode("ascii"), validate=True)), allow_pickle=False) as arrays:
-            return {key: torch.from_numpy(arrays[key].copy()) if arrays[key].ndim else arrays[key].item() for key in arrays.files}
+            return {key: _decoded(arrays[key]) for key in arrays.files}
     except (ValueError, OSError, binascii.Error) as error:
         raise CheckpointError(f"{source}: damaged feature statistics in the ONNX metadata ({error})") from None
+
+
+def encode_level_statistics(statistics: dict[str, Any]) -> str:
+    """A checkpoint's ``level_statistics`` entry (levels, per-level feature statistics, scales) as base64 text
+    of one flat ``.npz``: each level's statistics under ``statistics/<index>/<key>``."""
+    flat: dict[str, Any] = {key: np.asarray(statistics[key]) for key in ("levels", "log_mean", "log_std", "unusual_score")}
+    for index, entry in enumerate(statistics["statistics"]):
+        flat.update({f"statistics/{index}/{key}": value for key, value in entry.items()})
+    return encode_feature_statistics(flat)
+
+
+def decode_level_statistics(text: str, source: str) -> dict[str, Any]:
+    """The inverse of :func:`encode_level_statistics`; damaged text raises a CheckpointError naming ``source``."""
+    flat = decode_feature_statistics(text, source)
+    try:
+        levels = [str(level) for level in np.atleast_1d(np.asarray(flat["levels"]))]
+        entries: list[dict[str, Any]] = [{} for _ in levels]
+        for key, value in flat.items():
+            if key.startswith("statistics/"):
+                _, index, name = key.split("/", 2)
+                entries[int(index)][name] = value
+        as_list = [float(v) for v in np.atleast_1d(np.asarray(flat["log_mean"]))], [float(v) for v in np.atleast_1d(np.asarray(flat["log_std"]))]
+        return {"levels": levels, "statistics": entries, "log_mean": as_list[0], "log_std": as_list[1],
+                "unusual_score": float(flat["unusual_score"])}
+    except (KeyError, ValueError, IndexError) as error:
+        raise CheckpointError(f"{source}: damaged level statistics in the ONNX metadata ({error!r})") from None
+
+
+def _decoded(array: np.ndarray) -> Any:
+    """An array read back: text as a list of strings, a scalar as a number, else a tensor."""
+    if array.dtype.kind in "US":
+        return [str(item) for item in np.atleast_1d(array)]
+    return torch.from_numpy(array.copy()) if array.ndim else array.item()
 
 
 def _torch_export(

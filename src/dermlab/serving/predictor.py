@@ -14,6 +14,7 @@ Image decoding and preprocessing happen outside the lock.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -34,7 +35,13 @@ from dermlab.data.transforms import create_transform
 from dermlab.errors import CheckpointError, ConfigError, DataError
 from dermlab.evaluation.abstention import AbstentionRule
 from dermlab.evaluation.familiarity import FeatureStatistics
-from dermlab.evaluation.inference import InferenceBehaviour, checkpoint_feature_statistics, resolve_behaviour
+from dermlab.evaluation.inference import (
+    InferenceBehaviour,
+    checkpoint_feature_statistics,
+    checkpoint_level_statistics,
+    resolve_behaviour,
+)
+from dermlab.evaluation.level_statistics import LevelStatistics, capture_levels
 from dermlab.evaluation.tta import DEFAULT_TTA_VIEWS, TTA_VIEWS, view_logits
 from dermlab.models.checkpoint import LoadedModel, run_folder_of
 from dermlab.models.classifier import uses_metadata
@@ -78,6 +85,7 @@ class PathPrediction:
     metadata: PatientMetadata | None = None
     features: np.ndarray | None = None  # pooled features (F,), when the predictor has feature statistics
     feature_distance: float | None = None  # their Mahalanobis distance to the training images (typical: about 1)
+    level_score: float | None = None  # how unlike the training images it looks (about 0 at home), with level statistics
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,7 @@ class AbstainingPrediction:
     scores: dict[str, np.ndarray]
     features: np.ndarray | None = None  # (N, F) pooled features averaged over the views, when computed
     feature_distance: np.ndarray | None = None  # (N,), with the predictor's feature statistics
+    level_score: np.ndarray | None = None  # (N,), with the predictor's level statistics (identity view)
 
 
 class Predictor:
@@ -132,6 +141,7 @@ class Predictor:
             batch_size=batch_size,
             takes_metadata=uses_metadata(loaded.model),
             statistics=checkpoint_feature_statistics(loaded.extras, str(loaded.path)),
+            level_statistics=checkpoint_level_statistics(loaded.extras, str(loaded.path)),
         )
 
     def _setup(
@@ -144,6 +154,7 @@ class Predictor:
         batch_size: int,
         takes_metadata: bool = False,
         statistics: FeatureStatistics | None = None,
+        level_statistics: LevelStatistics | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -154,6 +165,7 @@ class Predictor:
         self.batch_size = batch_size
         self.takes_metadata = takes_metadata
         self.statistics = statistics  # the training images' feature statistics (familiarity), or None
+        self.level_statistics = level_statistics  # and their level statistics, or None
         self._transform = create_transform("none", preprocessing, train=False)
         self._lock = threading.Lock()
 
@@ -226,17 +238,27 @@ class Predictor:
             inputs = (batch.to(self._device),) if metadata is None else (batch.to(self._device), metadata.to(self._device))
             return self._model(*inputs).float().cpu()
 
-    def _logits_and_features(self, batch: torch.Tensor, metadata: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and pooled backbone features ``(N, F)`` of a preprocessed batch. Called with the lock held."""
-        with torch.inference_mode():
+    def _outputs(
+        self, batch: torch.Tensor, metadata: torch.Tensor | None, levels: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray] | None]:
+        """Logits, pooled backbone features ``(N, F)`` and, with ``levels``, the level descriptors of a
+        preprocessed batch. Called with the lock held."""
+        with torch.inference_mode(), (capture_levels(self._model) if levels else contextlib.nullcontext({})) as captured:
             pooled = self._model.forward_features(batch.to(self._device))
             head = (pooled,) if metadata is None else (pooled, metadata.to(self._device))
-            return self._model.forward_head(*head).float().cpu(), pooled.float().cpu()
+            logits = self._model.forward_head(*head).float().cpu()
+        return logits, pooled.float().cpu(), {level: found[0].numpy() for level, found in captured.items()} if levels else None
 
     @property
     def computes_features(self) -> bool:
-        """Whether predictions carry pooled features: for the feature statistics or a feature abstention score."""
-        return self.statistics is not None or self.behaviour.needs_features
+        """Whether predictions carry pooled features: for the feature or level statistics, or a feature or level
+        abstention score."""
+        return self.statistics is not None or self.behaviour.needs_features or self.computes_levels
+
+    @property
+    def computes_levels(self) -> bool:
+        """Whether predictions carry level scores: the predictor has level statistics (or the rule needs them)."""
+        return self.level_statistics is not None or self.behaviour.needs_levels
 
     def _encode_metadata(self, metadata: MetadataRows, count: int) -> torch.Tensor | None:
         """The metadata tensor for a fusion model (all unknown without ``metadata``); None for an image-only one."""
@@ -266,19 +288,28 @@ class Predictor:
 
         return view_logits(forward, batch, self.tta_views)
 
-    def tta_outputs(self, batch: torch.Tensor, metadata: MetadataRows = None) -> tuple[torch.Tensor, np.ndarray]:
-        """Raw logits ``(V, N, C)`` and the pooled features ``(N, F)`` averaged over the views."""
+    def tta_outputs(
+        self, batch: torch.Tensor, metadata: MetadataRows = None, levels: bool = False
+    ) -> tuple[torch.Tensor, np.ndarray, dict[str, np.ndarray] | None]:
+        """Raw logits ``(V, N, C)``, the pooled features ``(N, F)`` averaged over the views and, with ``levels``,
+        the level descriptors of the identity view (one more pass when the views lack it), as they were fitted."""
         encoded = self._encode_metadata(metadata, batch.shape[0])
         pooled: list[torch.Tensor] = []
+        looks: dict[str, np.ndarray] = {}
+        identity = self.tta_views.index("identity") if "identity" in self.tta_views else None
 
         def forward(view: torch.Tensor) -> torch.Tensor:
             with self._lock:
-                logits, features = self._logits_and_features(view, encoded)
+                logits, features, found = self._outputs(view, encoded, levels=levels and len(pooled) == identity)
             pooled.append(features)
+            looks.update(found or {})
             return logits
 
         logits = view_logits(forward, batch, self.tta_views)
-        return logits, torch.stack(pooled).mean(dim=0).numpy()
+        if levels and identity is None:
+            with self._lock:
+                looks.update(self._outputs(batch, encoded, levels=True)[2] or {})
+        return logits, torch.stack(pooled).mean(dim=0).numpy(), looks if levels else None
 
     def predict_tensor(self, batch: torch.Tensor, metadata: MetadataRows = None) -> np.ndarray:
         """Probabilities ``(N, C)`` of a preprocessed batch: TTA views averaged, temperature applied."""
@@ -289,20 +320,21 @@ class Predictor:
 
         ``metadata``: one :class:`PatientMetadata` (or ``None``) per image, for a metadata-fusion model.
         """
-        probabilities, uncertain, reasons, scores, pooled = [], [], [], [], []
+        probabilities, uncertain, reasons, scores, pooled, looks = [], [], [], [], [], []
         rows = list(metadata) if metadata is not None else None
         if rows is not None and len(rows) != len(images):
             raise ConfigError(f"{len(rows)} metadata rows for {len(images)} images")
         for start in range(0, len(images), self.batch_size):
             chunk = rows[start : start + self.batch_size] if rows is not None else None
             batch = self.preprocess(images[start : start + self.batch_size])
-            features = None
+            features = levels = None
             if self.computes_features:
-                logits, features = self.tta_outputs(batch, chunk)
+                logits, features, levels = self.tta_outputs(batch, chunk, levels=self.computes_levels)
                 pooled.append(features)
+                looks.append(levels)
             else:
                 logits = self.tta_logits(batch, chunk)
-            decisions = self.behaviour.decide(logits, features)
+            decisions = self.behaviour.decide(logits, features, levels)
             probabilities.append(decisions.probabilities.astype(np.float32))
             reasons.extend(decisions.reasons)
             uncertain.extend(decisions.uncertain.tolist())
@@ -310,6 +342,9 @@ class Predictor:
                 scores.append(decisions.scores)
         names = list(self.abstention.thresholds) if self.abstention is not None else []
         features = np.concatenate(pooled) if pooled else None
+        level_score = None
+        if self.level_statistics is not None and looks:
+            level_score = self.level_statistics.score({level: np.concatenate([chunk[level] for chunk in looks]) for level in looks[0]})
         return AbstainingPrediction(
             probabilities=np.concatenate(probabilities) if probabilities else np.zeros((0, len(self.classes)), np.float32),
             uncertain=np.asarray(uncertain, dtype=bool),
@@ -317,6 +352,7 @@ class Predictor:
             scores={name: np.concatenate([chunk[name] for chunk in scores]) for name in names} if scores else {},
             features=features,
             feature_distance=self.statistics.distance(features) if features is not None and self.statistics is not None else None,
+            level_score=level_score,
         )
 
     def predict_images(self, images: Sequence[Image.Image], metadata: MetadataRows = None) -> np.ndarray:
@@ -362,7 +398,8 @@ class Predictor:
         ):
             features = result.features[index] if result.features is not None else None
             distance = float(result.feature_distance[index]) if result.feature_distance is not None else None
-            yield PathPrediction(path, row, bool(uncertain), tuple(reasons), given, features, distance)
+            look = float(result.level_score[index]) if result.level_score is not None else None
+            yield PathPrediction(path, row, bool(uncertain), tuple(reasons), given, features, distance, look)
 
     # ------------------------------------------------------------------------------------------- explanation
 
@@ -459,8 +496,11 @@ class OnnxPredictor(Predictor):
         outputs = [item.name for item in self._session.get_outputs()]
         entry = metadata.get("features_output")
         self._features_output = entry.get("name") if isinstance(entry, dict) else None
-        if self._features_output is not None and self._features_output not in outputs:
-            raise CheckpointError(f"{self.path}: the metadata names output {self._features_output!r}, the graph has {outputs}")
+        entry = metadata.get("level_outputs")
+        self._level_outputs = {str(level): str(name) for level, name in (entry.get("outputs") or {}).items()} if isinstance(entry, dict) else {}
+        for name in [self._features_output, *self._level_outputs.values()]:
+            if name is not None and name not in outputs:
+                raise CheckpointError(f"{self.path}: the metadata names output {name!r}, the graph has {outputs}")
         inputs = [item.name for item in self._session.get_inputs()]
         self._input_name = inputs[0]
         entry = metadata.get("metadata_input")
@@ -484,6 +524,7 @@ class OnnxPredictor(Predictor):
             batch_size=batch_size,
             takes_metadata=self._metadata_input is not None,
             statistics=checkpoint_feature_statistics(metadata, str(self.path)),
+            level_statistics=checkpoint_level_statistics(metadata, str(self.path)),
         )
 
     def _read_metadata(self) -> dict[str, Any]:
@@ -496,10 +537,17 @@ class OnnxPredictor(Predictor):
             raise CheckpointError(f"{self.path}: damaged dermlab metadata ({error})") from None
         if not isinstance(metadata, dict):
             raise CheckpointError(f"{self.path}: damaged dermlab metadata (not a JSON object)")
-        from dermlab.serving.onnx_export import FEATURE_STATISTICS_KEY, decode_feature_statistics
+        from dermlab.serving.onnx_export import (
+            FEATURE_STATISTICS_KEY,
+            LEVEL_STATISTICS_KEY,
+            decode_feature_statistics,
+            decode_level_statistics,
+        )
 
         if FEATURE_STATISTICS_KEY in props:  # the training images' feature statistics, beside the JSON
             metadata["feature_statistics"] = decode_feature_statistics(props[FEATURE_STATISTICS_KEY], str(self.path))
+        if LEVEL_STATISTICS_KEY in props:  # and their level statistics
+            metadata["level_statistics"] = decode_level_statistics(props[LEVEL_STATISTICS_KEY], str(self.path))
         return metadata
 
     @property
@@ -516,11 +564,17 @@ class OnnxPredictor(Predictor):
         logits = self._session.run(None, self._feeds(batch, metadata))[0]
         return torch.from_numpy(np.asarray(logits, dtype=np.float32))
 
-    def _logits_and_features(self, batch: torch.Tensor, metadata: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _outputs(
+        self, batch: torch.Tensor, metadata: torch.Tensor | None, levels: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray] | None]:
         if self._features_output is None:
             raise CheckpointError(f"{self.path}: this ONNX export has no features output (exported without feature statistics)")
-        logits, features = self._session.run(["logits", self._features_output], self._feeds(batch, metadata))
-        return torch.from_numpy(np.asarray(logits, dtype=np.float32)), torch.from_numpy(np.asarray(features, dtype=np.float32))
+        if levels and not self._level_outputs:
+            raise CheckpointError(f"{self.path}: this ONNX export has no level outputs (exported without level statistics)")
+        names = ["logits", self._features_output, *(self._level_outputs.values() if levels else ())]
+        logits, features, *found = self._session.run(names, self._feeds(batch, metadata))
+        looks = {level: np.asarray(value, dtype=np.float32) for level, value in zip(self._level_outputs, found)} if levels else None
+        return torch.from_numpy(np.asarray(logits, dtype=np.float32)), torch.from_numpy(np.asarray(features, dtype=np.float32)), looks
 
     def explain(self, image: Image.Image, target: str | int | None = None, method: str = "gradcam") -> bytes:
         raise ConfigError("Grad-CAM needs the torch engine; serve or explain the checkpoint, not the ONNX export")

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from dermlab.data.images import IMAGE_EXTENSIONS, read_image
 from dermlab.data.transforms import create_transform
 from dermlab.errors import ConfigError, DataError
-from dermlab.evaluation.abstention import needs_features
+from dermlab.evaluation.abstention import needs_features, needs_levels
 from dermlab.evaluation.inference import checkpoint_temperature
 from dermlab.io import atomic_write_json
 from dermlab.models.checkpoint import LoadedModel, load_checkpoint, run_dir_of, save_checkpoint
@@ -220,10 +220,12 @@ def adapt_model(loaded: LoadedModel, paths: Sequence[Path], method: str = "adabn
     if not paths:
         raise DataError("no images to adapt on")
     rule = loaded.extras.get("abstention") or {}
-    if _changes_features(method) and needs_features(list(rule.get("thresholds") or {})):
+    scores = list(rule.get("thresholds") or {})
+    if _changes_features(method) and (needs_features(scores) or needs_levels(scores)):
+        used = " and ".join(name for name, needs in (("mahalanobis", needs_features), ("level", needs_levels)) if needs(scores))
         raise ConfigError(
-            f"{loaded.path}: its abstention rule uses mahalanobis, a distance to the training images' features, which "
-            f"{method} changes; adapt a run whose evaluation.abstain_scores have no feature score, or use prior"
+            f"{loaded.path}: its abstention rule uses {used}, a distance to the training images' features, which "
+            f"{method} changes; adapt a run whose evaluation.abstain_scores have no feature or level score, or use prior"
         )
     if _changes_features(method):
         _refuse_untrained_statistics(loaded, method)

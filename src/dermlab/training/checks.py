@@ -18,7 +18,7 @@ from dermlab.config import Config
 from dermlab.data.datasets import AUTO_LAYOUT, LAYOUTS
 from dermlab.data.transforms import AUGMENTATIONS, COLOR_CONSTANCY
 from dermlab.errors import ConfigError
-from dermlab.evaluation.abstention import ABSTENTION_SCORES, needs_features
+from dermlab.evaluation.abstention import ABSTENTION_SCORES, needs_features, needs_levels
 from dermlab.evaluation.decision import RULES
 from dermlab.evaluation.tta import resolve_tta_views
 from dermlab.losses import LOSSES
@@ -55,10 +55,13 @@ def check_names(config: Config) -> None:
     for score in config.evaluation.abstain_scores:
         _check("evaluation.abstain_scores", score, ABSTENTION_SCORES)
     evaluation = config.evaluation
-    if evaluation.abstain_false_rejection > 0 and needs_features(evaluation.abstain_scores) and not evaluation.feature_statistics:
-        raise ConfigError(
-            "evaluation.abstain_scores has a feature score (mahalanobis), which needs evaluation.feature_statistics: true"
-        )
+    if evaluation.abstain_false_rejection > 0 and not evaluation.feature_statistics:
+        for score, needs in (("mahalanobis", needs_features), ("level", needs_levels)):
+            if needs(evaluation.abstain_scores):
+                raise ConfigError(
+                    f"evaluation.abstain_scores has {score}, which needs evaluation.feature_statistics: true "
+                    "(its statistics are fitted with the feature statistics)"
+                )
 
 
 def _check(field: str, name: str, registry: Registry, extra: Iterable[str] = ()) -> None:
