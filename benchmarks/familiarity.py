@@ -15,9 +15,10 @@ For every ``--runs`` run (its own TTA views, temperature and decision rule throu
   probability, energy);
 - **per set**: the unusual share, shift score and warning of :meth:`FeatureStatistics.shift` on the test split
   and on the external folder, and the unusual share by the level score;
-- **abstention**: rules fitted on val at the run's false-rejection target with the logit scores (as trained),
-  with ``mahalanobis`` alone, and with both; the level score alone above its val quantile at that target, and
-  the as-trained rule or the level score; for each, the share of test and external images marked uncertain,
+- **abstention**: rules fitted on val at the run's false-rejection target (as training fits them:
+  :func:`~dermlab.evaluation.abstention.fit_abstention`) with the logit scores (max probability and energy, the
+  old default), ``mahalanobis`` alone, the logit scores with ``mahalanobis``, ``level`` alone, and the logit
+  scores with ``level`` (the HAM10000 recipe's rule); for each, the share of test and external images marked uncertain,
   test accuracy on the accepted images, and how many of the external folder's images of ``--target`` that the
   as-trained rule answers confidently and wrongly the rule turns into "uncertain".
 
@@ -39,8 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_common_arguments, print_table, write_results  # noqa: E402
 from external import _quick_setup  # noqa: E402
 
-RULES = {"as trained (logit scores)": ("max_probability", "energy"), "mahalanobis": ("mahalanobis",),
-         "logit scores + mahalanobis": ("max_probability", "energy", "mahalanobis")}
+LOGIT_RULE = "logit scores"
+RULES = {LOGIT_RULE: ("max_probability", "energy"), "mahalanobis": ("mahalanobis",),
+         "logit scores + mahalanobis": ("max_probability", "energy", "mahalanobis"), "level": ("level",),
+         "logit scores + level": ("max_probability", "energy", "level")}
 
 
 def main() -> int:
@@ -89,21 +92,23 @@ def _measure(run: Path, args: argparse.Namespace) -> dict[str, Any]:
         train_features = _outputs(loaded, data.rows("train"), ("identity",), batch)[1]
         statistics = fit_feature_statistics(train_features, outputs["val"][1], loaded.config.evaluation.feature_components)
     distances = {name: statistics.distance(features) for name, (_, features) in outputs.items()}
-    level_scores, level_unusual = _level_scores(loaded, {"train": data.rows("train"), "val": data.rows("val"),
-                                                         "test": data.rows("test"), "external": external}, batch)
+    levels, descriptors = _level_statistics(loaded, {"train": data.rows("train"), "val": data.rows("val"),
+                                                     "test": data.rows("test"), "external": external}, batch)
+    level_scores = {name: levels.score(descriptors[name]) for name in ("val", "test", "external")} if levels else {}
+    level_unusual = {name: float((level_scores[name] > levels.unusual_score).mean()) for name in ("test", "external")} if levels else {}
     detection = _detection(outputs, distances, behaviour.temperature, args.resamples, level_scores)
     sets = {name: {**statistics.shift(outputs[name][1]).to_dict(), "threshold": statistics.shift_threshold(len(outputs[name][1])),
                    "level_unusual_share": level_unusual.get(name)}
             for name in ("test", "external")}
     truth = {"test": data.rows("test")["label"].to_numpy(), "external": external["label"].to_numpy()}
-    rules = _rules(loaded, behaviour, outputs, statistics, truth, args.target, level_scores)
+    rules = _rules(loaded, behaviour, outputs, statistics, truth, args.target, levels, descriptors)
     return {"statistics_fitted_here": fitted_here, "views": list(behaviour.views), "train_images": statistics.images,
             "images": {name: int(len(d)) for name, d in distances.items()}, "detection": detection, "sets": sets, "rules": rules}
 
 
-def _level_scores(loaded: Any, frames: dict[str, Any], batch: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Level statistics (:mod:`dermlab.evaluation.level_statistics`) fitted on train and val here; the test and
-    external images' level scores and unusual shares. Empty for a model without feature levels."""
+def _level_statistics(loaded: Any, frames: dict[str, Any], batch: int) -> tuple[Any, dict[str, dict[str, np.ndarray]]]:
+    """Level statistics (:mod:`dermlab.evaluation.level_statistics`) fitted on train and val here, as training
+    fits them, and each frame's level descriptors; ``(None, {})`` for a model without feature levels."""
     from dermlab.errors import ConfigError
     from dermlab.evaluation.evaluate import level_descriptors
     from dermlab.evaluation.level_statistics import feature_levels, fit_level_statistics
@@ -112,11 +117,9 @@ def _level_scores(loaded: Any, frames: dict[str, Any], batch: int) -> tuple[dict
         feature_levels(loaded.model)
     except ConfigError as error:
         print(f"no level statistics: {error}")
-        return {}, {}
+        return None, {}
     descriptors = {name: level_descriptors(loaded, frame, batch_size=batch) for name, frame in frames.items()}
-    fitted = fit_level_statistics(descriptors["train"], descriptors["val"], loaded.config.evaluation.feature_components)
-    scores = {name: fitted.score(descriptors[name]) for name in ("val", "test", "external")}
-    return scores, {name: float((scores[name] > fitted.unusual_score).mean()) for name in ("test", "external")}
+    return fit_level_statistics(descriptors["train"], descriptors["val"], loaded.config.evaluation.feature_components), descriptors
 
 
 def _detection(outputs: dict, distances: dict, temperature: float, resamples: int, level_scores: dict) -> dict[str, Any]:
@@ -147,43 +150,33 @@ def _auroc_with_interval(inside: np.ndarray, outside: np.ndarray, resamples: int
     return {"auroc": float(roc_auc_score(labels, scores)), "interval": [float(low), float(high)]}
 
 
-def _rules(loaded: Any, behaviour: Any, outputs: dict, statistics: Any, truth: dict, target: str, level_scores: dict) -> dict[str, Any]:
-    """Each rule fitted on val; what it marks uncertain on test and external, and the confident errors it catches.
-
-    With level scores, two more rules: the level score alone above its val quantile at the run's false-rejection
-    target, and the as-trained rule or that one (an image is uncertain when either says so)."""
-    from dermlab.evaluation.abstention import fit_abstention
+def _rules(loaded: Any, behaviour: Any, outputs: dict, statistics: Any, truth: dict, target: str, levels: Any,
+           descriptors: dict) -> dict[str, Any]:
+    """Each rule of ``RULES`` fitted on val (the ``level`` ones only with level statistics); what it marks
+    uncertain on test and external, and the confident errors of the logit-score rule it catches."""
+    from dermlab.evaluation.abstention import fit_abstention, needs_levels
 
     evaluation = loaded.config.evaluation
     target_index = loaded.classes.index(target)
     fitted = {name: fit_abstention(outputs["val"][0], evaluation.abstain_false_rejection, scores, behaviour.temperature,
-                                   behaviour.views, outputs["val"][1], statistics) for name, scores in RULES.items()}
-    decisions = {name: {split: replace(behaviour, abstention=rule).decide(*outputs[split]) for split in ("test", "external")}
-                 for name, rule in fitted.items()}
-    uncertain = {name: {split: decisions[name][split].uncertain for split in ("test", "external")} for name in decisions}
-    predicted = {split: decisions["as trained (logit scores)"][split].predicted for split in ("test", "external")}
-    if level_scores:
-        threshold = float(np.quantile(level_scores["val"], 1.0 - evaluation.abstain_false_rejection))
-        level = {split: level_scores[split] > threshold for split in ("test", "external")}
-        uncertain["level score"] = level
-        uncertain["logit scores or level score"] = {split: level[split] | uncertain["as trained (logit scores)"][split] for split in level}
-        fitted_rejection = {"level score": float((level_scores["val"] > threshold).mean())}
-        fitted_rejection["logit scores or level score"] = None  # the union's val share is not fitted
-    reference = decisions["as trained (logit scores)"]["external"]
+                                   behaviour.views, outputs["val"][1], statistics, descriptors.get("val"), levels)
+              for name, scores in RULES.items() if levels is not None or not needs_levels(scores)}
+    decisions = {name: {split: replace(behaviour, abstention=rule).decide(*outputs[split], descriptors.get(split))
+                        for split in ("test", "external")} for name, rule in fitted.items()}
+    reference = decisions[LOGIT_RULE]["external"]
     is_target = truth["external"] == target
     confident_wrong = is_target & (reference.predicted != target_index) & ~reference.uncertain
     index = {name: i for i, name in enumerate(loaded.classes)}
     test_truth = np.array([index[label] for label in truth["test"]])
     table = {}
-    for name, by_split in uncertain.items():
-        test, external = by_split["test"], by_split["external"]
-        test_predicted = decisions[name]["test"].predicted if name in decisions else predicted["test"]
+    for name, by_split in decisions.items():
+        test, external = by_split["test"].uncertain, by_split["external"].uncertain
         accepted = ~test
         table[name] = {
-            "scores": list(RULES.get(name, ("level",) if name == "level score" else ("max_probability", "energy", "level"))),
-            "val_rejection": fitted[name].val_rejection if name in fitted else fitted_rejection[name],
+            "scores": list(RULES[name]),
+            "val_rejection": fitted[name].val_rejection,
             "test_uncertain": float(test.mean()),
-            "test_accuracy_accepted": float((test_predicted[accepted] == test_truth[accepted]).mean()),
+            "test_accuracy_accepted": float((by_split["test"].predicted[accepted] == test_truth[accepted]).mean()),
             "external_uncertain": float(external.mean()),
             f"external_{target}_confident_wrong_as_trained": int(confident_wrong.sum()),
             f"external_{target}_of_those_now_uncertain": int((confident_wrong & external).sum()),
@@ -213,10 +206,10 @@ def _print(results: dict[str, Any], args: argparse.Namespace) -> None:
         target = args.target
         print_table(
             f"{run}: abstention rules fitted on val",
-            [[name, f"{r['val_rejection']:.3f}" if r["val_rejection"] is not None else "-", f"{r['test_uncertain']:.3f}", f"{r['test_accuracy_accepted']:.3f}",
+            [[name, f"{r['val_rejection']:.3f}", f"{r['test_uncertain']:.3f}", f"{r['test_accuracy_accepted']:.3f}",
               f"{r['external_uncertain']:.3f}",
               f"{r[f'external_{target}_of_those_now_uncertain']} of {r[f'external_{target}_confident_wrong_as_trained']}"]
-             for name, r in result["rules"].items()],  # val uncertain "-": not fitted (a union of two rules)
+             for name, r in result["rules"].items()],
             ["rule", "val uncertain", "test uncertain", "test accuracy accepted", "external uncertain",
              f"confident wrong external {target} -> uncertain"],
         )
