@@ -5,9 +5,9 @@
 
 For every ``--runs`` run (its own TTA views, temperature and decision rule throughout):
 
-- the training images' feature statistics (:mod:`dermlab.evaluation.familiarity`): the checkpoint's own, or,
-  for a run trained before they existed, fitted here exactly as training now fits them (train split, identity
-  view; val split with the run's views) without writing to the run;
+- the training images' feature statistics (:mod:`dermlab.evaluation.familiarity`), fitted here exactly as
+  training now fits them (train and val split, identity view) without writing to the run, so runs trained before
+  them, or before they were scored on the identity view, are measured as a run trained today;
 - **shift detection**: the AUROC, with a 95% bootstrap interval, of telling the ``--external`` images from the
   run's own test images by each per-image score: the level score (:mod:`dermlab.evaluation.level_statistics`:
   channel statistics of each feature level of the backbone, fitted here on the train split, scaled on val), the
@@ -76,7 +76,7 @@ def _measure(run: Path, args: argparse.Namespace) -> dict[str, Any]:
     from dermlab.data.datasets import load_dataset
     from dermlab.data.run_data import prepare_run_data
     from dermlab.evaluation.familiarity import fit_feature_statistics
-    from dermlab.evaluation.inference import checkpoint_feature_statistics, resolve_behaviour
+    from dermlab.evaluation.inference import resolve_behaviour
     from dermlab.models.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(run)
@@ -86,11 +86,8 @@ def _measure(run: Path, args: argparse.Namespace) -> dict[str, Any]:
     external = load_dataset(args.external, replace(loaded.config.data, path=str(args.external), classes=loaded.classes)).frame
     outputs = {name: _outputs(loaded, frame, behaviour.views, batch) for name, frame in
                (("val", data.rows("val")), ("test", data.rows("test")), ("external", external))}
-    statistics = checkpoint_feature_statistics(loaded.extras, str(loaded.path))
-    fitted_here = statistics is None
-    if fitted_here:
-        train_features = _outputs(loaded, data.rows("train"), ("identity",), batch)[1]
-        statistics = fit_feature_statistics(train_features, outputs["val"][1], loaded.config.evaluation.feature_components)
+    train_features = _outputs(loaded, data.rows("train"), ("identity",), batch)[1]
+    statistics = fit_feature_statistics(train_features, outputs["val"][1], loaded.config.evaluation.feature_components)
     distances = {name: statistics.distance(features) for name, (_, features) in outputs.items()}
     levels, descriptors = _level_statistics(loaded, {"train": data.rows("train"), "val": data.rows("val"),
                                                      "test": data.rows("test"), "external": external}, batch)
@@ -102,7 +99,7 @@ def _measure(run: Path, args: argparse.Namespace) -> dict[str, Any]:
             for name in ("test", "external")}
     truth = {"test": data.rows("test")["label"].to_numpy(), "external": external["label"].to_numpy()}
     rules = _rules(loaded, behaviour, outputs, statistics, truth, args.target, levels, descriptors)
-    return {"statistics_fitted_here": fitted_here, "views": list(behaviour.views), "train_images": statistics.images,
+    return {"views": list(behaviour.views), "train_images": statistics.images,
             "images": {name: int(len(d)) for name, d in distances.items()}, "detection": detection, "sets": sets, "rules": rules}
 
 
@@ -187,7 +184,7 @@ def _rules(loaded: Any, behaviour: Any, outputs: dict, statistics: Any, truth: d
 
 def _print(results: dict[str, Any], args: argparse.Namespace) -> None:
     for run, result in results.items():
-        note = " (statistics fitted here: the run predates them)" if result["statistics_fitted_here"] else ""
+        note = " (statistics fitted here, as training fits them)"
         print_table(
             f"{run}: telling {args.external} ({result['images']['external']}) from its test split ({result['images']['test']}){note}",
             [[score, f"{d['auroc']:.3f} [{d['interval'][0]:.3f}, {d['interval'][1]:.3f}]"] for score, d in result["detection"].items()],

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from fakes import write_noise_images
 
@@ -144,3 +145,30 @@ def test_a_set_whose_features_moved_together_is_flagged_by_its_shift_score_thoug
     assert clean.warning is None
     assert moved.unusual_share < 0.06 and moved.shift_score > statistics.shift_threshold(200)
     assert moved.warning is not None and "distributed unlike" in moved.warning and "unusual where" not in moved.warning
+
+
+def test_familiarity_reads_the_identity_view_whatever_the_tta_views(tmp_path: Path) -> None:
+    """The statistics are fitted on the identity view, so every image is scored on it: evaluating or predicting
+    with other views must not move the distances (a run's own test split once looked 'unusual' with fewer views)."""
+    from dermlab.evaluation.evaluate import predict_view_outputs
+    from dermlab.serving.predictor import Predictor
+
+    torch.manual_seed(0)
+    config = Config(model=ModelConfig(name="test_efficientnet", weights="none", input_size=[32, 32]))
+    model = create_model(config.model, 2, load_weights=False)
+    checkpoint = tmp_path / "run" / "best.ckpt"
+    save_checkpoint(checkpoint, model, config, ["nv", "mel"], resolve_preprocessing(model, config.model))
+    loaded = load_checkpoint(checkpoint)
+    frame = pd.DataFrame({"path": write_noise_images(tmp_path / "images", 12, (190, 140, 120), 0)})
+    identity_logits, identity = predict_view_outputs(loaded, frame, ("identity",), batch_size=5)
+    flips_logits, flips = predict_view_outputs(loaded, frame, ("hflip", "vflip"), batch_size=5)
+    assert flips_logits.shape == (2, 12, 2) and not np.allclose(flips_logits[0], identity_logits[0])
+    np.testing.assert_allclose(flips, identity, rtol=1e-5, atol=1e-6)
+    statistics = fit_feature_statistics(identity[:8], identity[8:], components=4)
+    save_checkpoint(checkpoint, model, config, ["nv", "mel"], loaded.preprocessing, feature_statistics=statistics.to_dict())
+    images = [Image.open(path).convert("RGB") for path in frame["path"]]
+    distances = [Predictor(load_checkpoint(checkpoint), tta=views).predict_with_abstention(images).feature_distance
+                 for views in (["identity"], ["hflip", "vflip"], ["identity", "hflip"])]
+    np.testing.assert_allclose(distances[1], distances[0], rtol=1e-4)
+    np.testing.assert_allclose(distances[2], distances[0], rtol=1e-4)
+    np.testing.assert_allclose(distances[0], statistics.distance(identity), rtol=1e-4)

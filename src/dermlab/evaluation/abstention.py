@@ -14,7 +14,8 @@ Each score maps logits to one number per image, higher meaning "more like the tr
   identity view): it sees another clinic's or camera's images, which the pooled features hardly tell apart. It
   needs the images' level descriptors and the checkpoint's ``level_statistics``.
 
-With test-time augmentation each score is averaged over the views (features: their mean over the views). A rule keeps one threshold per chosen score
+With test-time augmentation each logit score is averaged over the views; the feature and level scores read the
+identity view, as their statistics were fitted. A rule keeps one threshold per chosen score
 and rejects an image when any score falls below its threshold. The thresholds are set on the validation
 lesions: every score's threshold sits at the same quantile ``q``, and ``q`` is the largest for which the rule
 rejects at most the target share of them (the false-rejection rate), so several scores together still reject
@@ -58,7 +59,7 @@ UNCERTAIN_MESSAGE = (
 @dataclass(frozen=True)
 class ScoreInputs:
     """What a score may read: view logits ``(V, N, C)`` float64, the temperature, for feature scores the pooled
-    features ``(N, F)`` (averaged over the views) with the checkpoint's feature statistics, and for the level
+    features ``(N, F)`` (identity view) with the checkpoint's feature statistics, and for the level
     score the level descriptors (per level ``(N, 2C)``, identity view) with the checkpoint's level statistics."""
 
     logits: torch.Tensor

@@ -115,18 +115,19 @@ def predict_view_outputs(
     num_workers: int = 0,
     device: torch.device | None = None,
     image_loader: Callable[[str], Any] | None = None,
-    per_view: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits ``(V, N, C)`` as :func:`predict_view_logits`, and the pooled backbone features ``(N, F)`` averaged
-    over the views (``per_view``: ``(V, N, F)``), what :mod:`dermlab.evaluation.familiarity` compares with the
-    training images."""
+    """Logits ``(V, N, C)`` as :func:`predict_view_logits`, and the pooled backbone features ``(N, F)`` of the
+    identity view, what :mod:`dermlab.evaluation.familiarity` compares with the training images (fitted on the
+    identity view, so the distances do not depend on the TTA views; the identity view is run too when ``views``
+    lack it)."""
     from dermlab.evaluation.familiarity import capture_pooled
 
     views = resolve_tta_views(list(views))
+    run = views if "identity" in views else ("identity", *views)
     with capture_pooled(loaded.model) as pooled:
-        logits = _view_logits_of_rows(loaded, frame, views, batch_size, num_workers, device, image_loader)
-    features = view_features(pooled, len(views), int(getattr(loaded.model, "num_features", 0)))
-    return logits, features if per_view else features.mean(axis=0)
+        logits = _view_logits_of_rows(loaded, frame, run, batch_size, num_workers, device, image_loader)
+    features = view_features(pooled, len(run), int(getattr(loaded.model, "num_features", 0)))[run.index("identity")]
+    return logits[[run.index(view) for view in views]], features
 
 
 @torch.inference_mode()

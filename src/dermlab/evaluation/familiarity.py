@@ -2,8 +2,9 @@
 
 After training, the backbone's pooled features of the training split (the identity view, as evaluation
 preprocesses them) are summarised by their mean and the principal axes of their covariance
-(:func:`fit_feature_statistics`); the val split gives the reference values an unseen image of the training
-source gets. From them:
+(:func:`fit_feature_statistics`); the val split (identity view too) gives the reference values an unseen image
+of the training source gets. Every image is scored on its identity view, whatever the TTA views, so the verdicts
+do not move with them. From them:
 
 - **per image**, the Mahalanobis distance to the training features (Lee et al., 2018, with one Gaussian for all
   classes), scaled so that a typical training image scores about 1 (``distance``); the abstention score

@@ -109,7 +109,7 @@ def _split_outputs(
     loaded: LoadedModel, rows: dict[str, pd.DataFrame], batch_size: int, num_workers: int, with_features: bool
 ) -> tuple[tuple[str, ...], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
     """The run's views (chosen on val when ``evaluation.tta_candidates``), each split's view logits and, with
-    ``with_features``, its pooled features averaged over the views; and the facts of the TTA choice."""
+    ``with_features``, its pooled features (identity view); and the facts of the TTA choice."""
     evaluation = loaded.config.evaluation
     logits: dict[str, np.ndarray] = {}
     features: dict[str, np.ndarray] = {}
@@ -253,7 +253,7 @@ def _choose_tta_on_val(
 ) -> tuple[tuple[str, ...], np.ndarray, dict[str, Any], np.ndarray | None]:
     """The candidate view set of ``evaluation.tta_candidates`` with the lowest val log-loss (each with its own
     fitted temperature), its val logits, the facts (every candidate's log-loss) and, ``with_features``, the val
-    images' pooled features averaged over the chosen views (else None).
+    images' pooled features (identity view; else None).
 
     The union of the candidates' views is run once; a log-loss, not accuracy, decides, as it is smooth and
     proper (a count of a few hundred images changes by one image at a time). Ties go to the fewer views.
@@ -263,9 +263,7 @@ def _choose_tta_on_val(
     candidates = [resolve_tta_views(candidate) for candidate in loaded.config.evaluation.tta_candidates]
     union = tuple(dict.fromkeys(view for candidate in candidates for view in candidate))
     if with_features:
-        all_logits, all_features = predict_view_outputs(
-            loaded, val, union, batch_size=batch_size, num_workers=num_workers, per_view=True
-        )
+        all_logits, all_features = predict_view_outputs(loaded, val, union, batch_size=batch_size, num_workers=num_workers)
     else:
         all_logits, all_features = predict_view_logits(loaded, val, union, batch_size=batch_size, num_workers=num_workers), None
     scores = {}
@@ -277,8 +275,7 @@ def _choose_tta_on_val(
     views = tuple(best.split(","))
     log.info("TTA views chosen on val: %s (val log-loss %s)", best, {k: round(v, 4) for k, v in scores.items()})
     chosen = [union.index(view) for view in views]
-    val_features = all_features[chosen].mean(axis=0) if all_features is not None else None
-    return views, all_logits[chosen], {"views": list(views), "val_log_loss": scores}, val_features
+    return views, all_logits[chosen], {"views": list(views), "val_log_loss": scores}, all_features
 
 
 def _fit_feature_statistics(
@@ -403,16 +400,12 @@ def _non_lesion_rejection(
     height, width = loaded.preprocessing.input_size
     shares = {}
     for kind, images in synthetic_non_lesion_images((width, height), per_kind=8, seed=0).items():
+        logits = predict_image_logits(loaded, images, views, batch_size=batch_size)
         features = levels = None
-        if rule.needs_features:
-            with capture_pooled(loaded.model) as pooled:
-                logits = predict_image_logits(loaded, images, views, batch_size=batch_size)
-            features = view_features(pooled, len(views), loaded.model.num_features).mean(axis=0)
-        else:
-            logits = predict_image_logits(loaded, images, views, batch_size=batch_size)
-        if rule.needs_levels:  # the identity view, as the level statistics were fitted
-            with capture_levels(loaded.model) as captured:
+        if rule.needs_features or rule.needs_levels:  # the identity view, as their statistics were fitted
+            looks = capture_levels(loaded.model) if rule.needs_levels else contextlib.nullcontext({})
+            with capture_pooled(loaded.model) as pooled, looks as captured:
                 predict_image_logits(loaded, images, ("identity",), batch_size=batch_size)
-            levels = stack_levels(captured)
+            features, levels = view_features(pooled, 1, loaded.model.num_features)[0], stack_levels(captured) or None
         shares[kind] = float(rule.reject(logits, features, levels).mean())
     return shares

@@ -99,7 +99,7 @@ class AbstainingPrediction:
     uncertain: np.ndarray
     reasons: list[list[str]]
     scores: dict[str, np.ndarray]
-    features: np.ndarray | None = None  # (N, F) pooled features averaged over the views, when computed
+    features: np.ndarray | None = None  # (N, F) pooled features of the identity view, when computed
     feature_distance: np.ndarray | None = None  # (N,), with the predictor's feature statistics
     level_score: np.ndarray | None = None  # (N,), with the predictor's level statistics (identity view)
 
@@ -291,25 +291,28 @@ class Predictor:
     def tta_outputs(
         self, batch: torch.Tensor, metadata: MetadataRows = None, levels: bool = False
     ) -> tuple[torch.Tensor, np.ndarray, dict[str, np.ndarray] | None]:
-        """Raw logits ``(V, N, C)``, the pooled features ``(N, F)`` averaged over the views and, with ``levels``,
-        the level descriptors of the identity view (one more pass when the views lack it), as they were fitted."""
+        """Raw logits ``(V, N, C)``, the pooled features ``(N, F)`` and, with ``levels``, the level descriptors:
+        both of the identity view, as their statistics were fitted (one more pass when the views lack it)."""
         encoded = self._encode_metadata(metadata, batch.shape[0])
-        pooled: list[torch.Tensor] = []
-        looks: dict[str, np.ndarray] = {}
+        found: list[tuple[torch.Tensor, dict[str, np.ndarray] | None]] = []
         identity = self.tta_views.index("identity") if "identity" in self.tta_views else None
+        calls = 0
 
         def forward(view: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
+            is_identity, calls = calls == identity, calls + 1
             with self._lock:
-                logits, features, found = self._outputs(view, encoded, levels=levels and len(pooled) == identity)
-            pooled.append(features)
-            looks.update(found or {})
+                logits, features, looks = self._outputs(view, encoded, levels=levels and is_identity)
+            if is_identity:
+                found.append((features, looks))
             return logits
 
         logits = view_logits(forward, batch, self.tta_views)
-        if levels and identity is None:
+        if identity is None:
             with self._lock:
-                looks.update(self._outputs(batch, encoded, levels=True)[2] or {})
-        return logits, torch.stack(pooled).mean(dim=0).numpy(), looks if levels else None
+                found.append(self._outputs(batch, encoded, levels=levels)[1:])
+        features, looks = found[0]
+        return logits, features.numpy(), looks
 
     def predict_tensor(self, batch: torch.Tensor, metadata: MetadataRows = None) -> np.ndarray:
         """Probabilities ``(N, C)`` of a preprocessed batch: TTA views averaged, temperature applied."""
