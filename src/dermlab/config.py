@@ -255,7 +255,8 @@ class EvaluationConfig:
     abstain_false_rejection: float = 0.05  # share of val lesions the abstention rule may reject; 0 = no rule
     abstain_scores: list[str] = field(default_factory=lambda: ["max_probability", "energy"])
     # after training: pooled-feature statistics of the train split (val for the references), stored in the
-    # checkpoint, for the shift warning of evaluate / predict and the abstention score "mahalanobis"
+    # checkpoint, for the shift warnings of evaluate / predict and the abstention scores "mahalanobis" and "level"
+    # (the level statistics, of each feature level of the backbone, are fitted with them)
     feature_statistics: bool = True
     feature_components: int = 128  # principal axes of the training features kept for the Mahalanobis distance
     # 95% intervals of the headline metrics from this many bootstrap resamples of lesions; 0 = no intervals
