@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -113,8 +114,9 @@ def test_colour_shifted_images_score_higher_than_held_out_clean_ones(tmp_path: P
     assert float(np.median(shifted)) > float(np.quantile(clean, 0.95))
 
 
-def test_evaluate_on_another_folder_prints_the_level_verdict_and_scores_each_image(tmp_path: Path, capsys) -> None:
-    from dermlab.cli import main
+def _run_with_level_statistics(tmp_path: Path) -> tuple[Path, LevelStatistics, Any]:
+    """A tiny random run whose checkpoint holds level statistics fitted on skin-coloured noise images; its
+    checkpoint, the statistics and a function giving the level descriptors of image paths."""
     from dermlab.evaluation.evaluate import level_descriptors
 
     torch.manual_seed(0)
@@ -123,14 +125,21 @@ def test_evaluate_on_another_folder_prints_the_level_verdict_and_scores_each_ima
     checkpoint = tmp_path / "run" / "checkpoints" / "best.ckpt"
     save_checkpoint(checkpoint, model, config, ["nv", "mel"], resolve_preprocessing(model, config.model))
     loaded = load_checkpoint(checkpoint)
-    skin = (190, 140, 120)
 
     def descriptors(paths: list[str]) -> dict[str, np.ndarray]:
         return level_descriptors(loaded, pd.DataFrame({"path": paths}), batch_size=16)
 
+    skin = (190, 140, 120)
     statistics = fit_level_statistics(descriptors(write_noise_images(tmp_path / "train", 60, skin, 0)),
                                       descriptors(write_noise_images(tmp_path / "val", 30, skin, 1)), components=16)
     save_checkpoint(checkpoint, model, config, ["nv", "mel"], loaded.preprocessing, level_statistics=statistics.to_dict())
+    return checkpoint, statistics, descriptors
+
+
+def test_evaluate_on_another_folder_prints_the_level_verdict_and_scores_each_image(tmp_path: Path, capsys) -> None:
+    from dermlab.cli import main
+
+    checkpoint, statistics, descriptors = _run_with_level_statistics(tmp_path)
     other = tmp_path / "other clinic"
     paths = write_noise_images(other / "nv", 12, (120, 150, 210), 2) + write_noise_images(other / "mel", 12, (110, 140, 200), 3)
     assert main(["evaluate", str(checkpoint), "--data", str(other)]) == 0
@@ -171,22 +180,8 @@ def test_a_level_rule_without_feature_statistics_is_refused_before_training() ->
 
 def test_predict_writes_each_level_score_and_prints_the_look_verdict(tmp_path: Path, capsys) -> None:
     from dermlab.cli import main
-    from dermlab.evaluation.evaluate import level_descriptors
 
-    torch.manual_seed(0)
-    config = Config(model=ModelConfig(name="test_efficientnet", weights="none", input_size=[32, 32]))
-    model = create_model(config.model, 2, load_weights=False)
-    checkpoint = tmp_path / "run" / "checkpoints" / "best.ckpt"
-    save_checkpoint(checkpoint, model, config, ["nv", "mel"], resolve_preprocessing(model, config.model))
-    loaded = load_checkpoint(checkpoint)
-
-    def descriptors(paths: list[str]) -> dict[str, np.ndarray]:
-        return level_descriptors(loaded, pd.DataFrame({"path": paths}), batch_size=16)
-
-    skin = (190, 140, 120)
-    statistics = fit_level_statistics(descriptors(write_noise_images(tmp_path / "train", 60, skin, 0)),
-                                      descriptors(write_noise_images(tmp_path / "val", 30, skin, 1)), components=16)
-    save_checkpoint(checkpoint, model, config, ["nv", "mel"], loaded.preprocessing, level_statistics=statistics.to_dict())
+    checkpoint, statistics, descriptors = _run_with_level_statistics(tmp_path)
     paths = write_noise_images(tmp_path / "other clinic", 16, (120, 150, 210), 2)
     out = tmp_path / "predictions.csv"
     assert main(["predict", str(checkpoint), *paths, "--out", str(out)]) == 0
