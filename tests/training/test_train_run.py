@@ -246,6 +246,7 @@ def test_train_and_summarise_reads_the_dataset_once_and_records_its_stages(ham_d
     level_threshold = metrics["abstention"]["thresholds"]["level"]
     assert predictions.loc[-predictions["level_score"] < level_threshold - 1e-6, "uncertain"].all()
     assert set(metrics["ood_rejection"]) == {"solid colours", "noise textures", "patterns"}
+    assert "`level` is minus its level score" in (tmp_path / "run" / "model_card.md").read_text()
 
 
 @pytest.mark.parametrize("frozen", [False, True])

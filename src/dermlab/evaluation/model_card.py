@@ -244,6 +244,13 @@ def _calibration_section(metrics: dict[str, Any], bins: int) -> str:
     return "\n".join([*lines, ""])
 
 
+_FAMILIARITY_SCORES = {
+    "mahalanobis": "`mahalanobis` is minus the image's distance to the training images' pooled features",
+    "level": "`level` is minus its level score, how unlike the training images it looks at the backbone's feature levels "
+             "(colour, contrast, texture; images of another clinic or camera score low)",
+}
+
+
 def _abstention_section(metrics: dict[str, Any]) -> str:
     rule = metrics.get("abstention") if isinstance(metrics.get("abstention"), dict) else None
     lines = ["## Abstention (\"uncertain\")", ""]
@@ -255,6 +262,9 @@ def _abstention_section(metrics: dict[str, Any]) -> str:
         f"The thresholds were set on the val split to reject at most {_percent(rule.get('false_rejection'))} of real "
         f"lesions (achieved there: {_percent(rule.get('val_rejection'))})."
     )
+    familiarity = [text for name, text in _FAMILIARITY_SCORES.items() if name in (rule.get("thresholds") or {})]
+    if familiarity:
+        lines.append(f"Every score is higher for images more like the training lesions: {'; '.join(familiarity)}.")
     rows = []
     for name, split in _split_metrics(metrics).items():
         summary = split.get("abstention")
