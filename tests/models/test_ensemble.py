@@ -78,3 +78,23 @@ def test_an_ensemble_exports_to_onnx_and_predicts_the_same(tmp_path: Path) -> No
     export_onnx(torch_predictor.loaded, tmp_path / "ens" / "export" / "model.onnx")
     onnx_predictor = Predictor.from_path(tmp_path / "ens", engine="onnx", tta="identity")
     assert np.abs(torch_predictor.predict_images(_images()) - onnx_predictor.predict_images(_images())).max() < 1e-4
+
+
+@pytest.mark.parametrize(("scores", "kept", "rejection"), [
+    (["max_probability", "energy", "level"], ["max_probability", "energy"], 0.05),
+    (["mahalanobis"], [], 0.0),
+])
+def test_an_ensemble_keeps_only_the_abstention_scores_it_can_read(tmp_path: Path, scores, kept, rejection) -> None:
+    """No single backbone: no feature or level statistics, so those scores are dropped, and said."""
+    from dataclasses import replace
+
+    from dermlab.config import EvaluationConfig, load_config
+
+    member = _run(tmp_path / "a", 0)
+    loaded = load_checkpoint(member)
+    config = replace(loaded.config, evaluation=EvaluationConfig(abstain_scores=scores))
+    save_checkpoint(member / "checkpoints" / "best.ckpt", loaded.model, config, CLASSES, loaded.preprocessing)
+    made = create_ensemble_run([str(member)], tmp_path / "ens")
+    assert set(made.dropped_scores) == set(scores) - set(kept)
+    saved = load_config(tmp_path / "ens" / "config.yaml").evaluation
+    assert (saved.abstain_scores, saved.abstain_false_rejection) == (kept, rejection)

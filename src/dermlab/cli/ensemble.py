@@ -35,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     made = create_ensemble_run(args.runs, out)
     print(f"ensemble of {len(made.members)} runs: {', '.join(made.members)}", file=sys.stderr)
+    if made.dropped_scores:
+        rule = ", ".join(made.config.evaluation.abstain_scores) if made.config.evaluation.abstain_false_rejection > 0 else "off"
+        print(f"note: an ensemble has no single backbone, so its abstention rule cannot read {', '.join(made.dropped_scores)} "
+              f"(the members' rule); its rule: {rule}", file=sys.stderr)
     frame = prepare_run_data(made.config, out).frame
     member_minutes = sum(made.member_wall_times) / 60
     summary = summarise_run(

@@ -3,6 +3,10 @@
 The folder is an ordinary run folder: ``config.yaml`` (the first member's, with ``model.name: ensemble``),
 ``classes.json``, the members' shared ``splits.csv``, ``lineage.json`` and ``checkpoints/best.ckpt`` holding an
 :class:`~dermlab.models.ensemble.EnsembleClassifier`; ``summarise_run`` then scores it like any run.
+
+An ensemble has no single backbone, so no feature or level statistics: its config keeps the members' logit
+abstention scores and drops ``mahalanobis`` and ``level`` (:attr:`EnsembleRun.dropped_scores`, which the CLI
+prints); with none left, its abstention is off (``evaluation.abstain_false_rejection: 0``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 
 from dermlab.config import Config, config_to_dict, save_config
 from dermlab.errors import ConfigError, DataError
+from dermlab.evaluation.abstention import needs_features, needs_levels
 from dermlab.evaluation.inference import checkpoint_temperature
 from dermlab.io import atomic_write_bytes, atomic_write_json
 from dermlab.models.checkpoint import load_checkpoint, run_dir_of, save_checkpoint
@@ -27,6 +32,7 @@ class EnsembleRun:
     config: Config
     members: list[str]
     member_wall_times: list[float]
+    dropped_scores: tuple[str, ...] = ()  # the members' abstention scores an ensemble cannot read
 
 
 def create_ensemble_run(runs: list[str], out: str | Path) -> EnsembleRun:
@@ -50,7 +56,8 @@ def create_ensemble_run(runs: list[str], out: str | Path) -> EnsembleRun:
     entries = [member_entry(str(path), member) for path, member in zip(runs, loaded)]
     model = EnsembleClassifier([m.model for m in loaded], [m.preprocessing for m in loaded], [e["temperature"] for e in entries])
     first = loaded[0].config
-    config = replace(first, model=replace(first.model, name=ENSEMBLE_NAME, weights="none", pretrained=False))
+    evaluation, dropped = _logit_scores_only(first.evaluation)
+    config = replace(first, model=replace(first.model, name=ENSEMBLE_NAME, weights="none", pretrained=False), evaluation=evaluation)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     atomic_write_json(out / "classes.json", classes)
@@ -58,7 +65,16 @@ def create_ensemble_run(runs: list[str], out: str | Path) -> EnsembleRun:
     wall_times = [_wall_time(run_dir) for run_dir in run_dirs]
     atomic_write_json(out / "lineage.json", {"made_with": "dermlab ensemble", "members": [str(p) for p in runs], "member_wall_time_s": wall_times})
     save_checkpoint(out / "checkpoints" / "best.ckpt", model, config, classes, loaded[0].preprocessing, ensemble={"members": entries})
-    return EnsembleRun(config=config, members=[str(p) for p in runs], member_wall_times=wall_times)
+    return EnsembleRun(config=config, members=[str(p) for p in runs], member_wall_times=wall_times, dropped_scores=dropped)
+
+
+def _logit_scores_only(evaluation: Any) -> tuple[Any, tuple[str, ...]]:
+    """The evaluation settings without the abstention scores that read one backbone's features or levels."""
+    dropped = tuple(name for name in evaluation.abstain_scores if needs_features([name]) or needs_levels([name]))
+    if not dropped:
+        return evaluation, ()
+    kept = [name for name in evaluation.abstain_scores if name not in dropped]
+    return replace(evaluation, abstain_scores=kept, abstain_false_rejection=evaluation.abstain_false_rejection if kept else 0.0), dropped
 
 
 def _wall_time(run_dir: Path) -> float:
