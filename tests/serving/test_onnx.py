@@ -233,3 +233,60 @@ def test_level_statistics_and_a_level_rule_travel_into_the_onnx_export(predictor
     answer = client.post("/predict", files={"file": ("x.png", images.encode(odd[0]), "image/png")}).json()
     assert answer["level_score"] == pytest.approx(float(b.level_score[20]), rel=1e-3, abs=1e-4)
     assert answer["uncertain"] == bool(b.uncertain[20]) and answer["uncertain_reasons"] == b.reasons[20]
+
+
+def test_a_fusion_model_with_feature_and_level_statistics_exports_with_its_metadata_input(photos, make_fusion_run, tmp_path):
+    """The HAM10000 recipe's model: metadata fusion, feature and level statistics. The export keeps the metadata
+    input beside the extra outputs (it once lost it when the outputs were added), and answers as torch does."""
+    import torch
+
+    from dermlab.config import Config, ModelConfig
+    from dermlab.data.images import read_image
+    from dermlab.evaluation.familiarity import fit_feature_statistics
+    from dermlab.evaluation.level_statistics import capture_levels, fit_level_statistics, stack_levels
+
+    config = Config(model=ModelConfig(**PARITY_MODEL, metadata_fusion=True))
+    paths, metadata = photos
+    plain = Predictor.from_path(make_fusion_run(tmp_path / "plain", config))
+    batch = plain.preprocess([read_image(path) for path in paths] * 3)
+    with torch.inference_mode(), capture_levels(plain.loaded.model) as captured:
+        pooled = plain.loaded.model.forward_features(batch).numpy()
+    looks = stack_levels(captured)
+    train, val = ({level: d[part] for level, d in looks.items()} for part in (slice(0, 12), slice(12, None)))
+    run = make_fusion_run(tmp_path / "run", config, feature_statistics=fit_feature_statistics(pooled[:12], pooled[12:], 4).to_dict(),
+                          level_statistics=fit_level_statistics(train, val, 4).to_dict())
+    torch_predictor, onnx_predictor = _both_engines(run, tmp_path)
+    assert onnx_predictor.takes_metadata and onnx_predictor.level_statistics is not None
+    np.testing.assert_allclose(_probabilities(onnx_predictor, paths, metadata=metadata),
+                               _probabilities(torch_predictor, paths, metadata=metadata), atol=1e-4, rtol=0)
+    scores = [[result.level_score for result in predictor.predict_paths(paths, metadata=metadata)]
+              for predictor in (torch_predictor, onnx_predictor)]
+    np.testing.assert_allclose(scores[1], scores[0], rtol=1e-3, atol=1e-4)
+
+
+def test_a_4_to_3_export_answers_the_run_s_quarter_turn_views_as_torch_does(images, tmp_path):
+    """The HAM10000 recipe's input is 144x192 and its chosen views may turn it by 90 degrees (192x144): the
+    exported graph takes any height and width, as the torch network does."""
+    import torch
+
+    from dermlab.config import Config, EvaluationConfig, ModelConfig
+    from dermlab.models.checkpoint import save_checkpoint
+    from dermlab.models.factory import create_model, resolve_preprocessing
+
+    torch.manual_seed(0)
+    config = Config(model=ModelConfig(name="test_efficientnet", weights="none", input_size=[24, 32]),
+                    evaluation=EvaluationConfig(tta=["identity", "rot90", "hflip"]))
+    model = create_model(config.model, 3, load_weights=False)
+    save_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt", model, config, ["nv", "mel", "bkl"],
+                    resolve_preprocessing(model, config.model))
+    torch_predictor = Predictor.from_path(tmp_path / "run")
+    onnx_predictor = Predictor.from_path(_exported(torch_predictor, tmp_path), engine="onnx")
+    assert onnx_predictor.tta_views == ("identity", "rot90", "hflip")
+    photos = [images.sample((40 + i, 30), seed=i) for i in range(5)]
+    np.testing.assert_allclose(onnx_predictor.predict_images(photos), torch_predictor.predict_images(photos), atol=1e-5, rtol=0)
+
+
+def _exported(predictor, tmp_path):
+    from dermlab.serving.onnx_export import export_onnx
+
+    return export_onnx(predictor.loaded, tmp_path / "export" / "model.onnx")

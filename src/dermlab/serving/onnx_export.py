@@ -99,13 +99,14 @@ def export_onnx(
 
     out = Path(out)
     model: torch.nn.Module = loaded.model.eval().cpu()
+    fused = uses_metadata(model)  # asked of the classifier itself: the wrapper below takes metadata through it
     with_features = _has_feature_statistics(loaded)
     levels = _level_output_names(loaded)
     if with_features:  # a new module starts in training mode, which export restores
         model = _LogitsAndFeatures(model, list(levels)).eval()
     height, width = loaded.preprocessing.input_size
     dummy: tuple[torch.Tensor, ...] = (torch.randn(2, 3, height, width),)
-    if uses_metadata(model):  # one image with its metadata known, one with all of it unknown
+    if fused:  # one image with its metadata known, one with all of it unknown
         dummy = (dummy[0], encode_patient_metadata([PatientMetadata(45.0, "male", "back"), None]))
     metadata = onnx_metadata(loaded)
 
@@ -247,7 +248,8 @@ def _torch_export(
         "input_names": names,
         "output_names": outputs,
         "opset_version": opset,
-        "dynamic_axes": {**{name: {0: "batch"} for name in names}, **{name: {0: "batch"} for name in outputs}},
+        # height and width stay free too: the run's TTA views may turn a 4:3 input by 90 degrees, as torch allows
+        "dynamic_axes": {"input": {0: "batch", 2: "height", 3: "width"}, **{name: {0: "batch"} for name in [*names[1:], *outputs]}},
     }
     try:
         with warnings.catch_warnings():
