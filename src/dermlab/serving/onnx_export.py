@@ -57,6 +57,7 @@ def onnx_metadata(loaded: LoadedModel) -> dict[str, Any]:
     the metadata input (fusion models), the run's TTA views, temperature and abstention rule."""
     preprocessing = loaded.preprocessing.to_dict()
     fused = uses_metadata(loaded.model)
+    levels = _level_output_names(loaded)
     return {
         "format_version": 1,
         "model_id": loaded.model_id,
@@ -75,9 +76,8 @@ def onnx_metadata(loaded: LoadedModel) -> dict[str, Any]:
             if _has_feature_statistics(loaded) else None
         ),
         "level_outputs": (
-            {"outputs": _level_output_names(loaded), "statistics": f"metadata_props[{LEVEL_STATISTICS_KEY!r}], base64 npz",
-             "view": "identity"}
-            if _level_output_names(loaded) else None
+            {"outputs": levels, "statistics": f"metadata_props[{LEVEL_STATISTICS_KEY!r}], base64 npz", "view": "identity"}
+            if levels else None
         ),
         "source_checkpoint": str(loaded.path),
         "disclaimer": "research tool, not a medical device",
@@ -225,9 +225,8 @@ def decode_level_statistics(text: str, source: str) -> dict[str, Any]:
             if key.startswith("statistics/"):
                 _, index, name = key.split("/", 2)
                 entries[int(index)][name] = value
-        as_list = [float(v) for v in np.atleast_1d(np.asarray(flat["log_mean"]))], [float(v) for v in np.atleast_1d(np.asarray(flat["log_std"]))]
-        return {"levels": levels, "statistics": entries, "log_mean": as_list[0], "log_std": as_list[1],
-                "unusual_score": float(flat["unusual_score"])}
+        scales = {key: [float(v) for v in np.atleast_1d(np.asarray(flat[key]))] for key in ("log_mean", "log_std")}
+        return {"levels": levels, "statistics": entries, **scales, "unusual_score": float(flat["unusual_score"])}
     except (KeyError, ValueError, IndexError) as error:
         raise CheckpointError(f"{source}: damaged level statistics in the ONNX metadata ({error!r})") from None
 
