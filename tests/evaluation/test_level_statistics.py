@@ -114,48 +114,6 @@ def test_colour_shifted_images_score_higher_than_held_out_clean_ones(tmp_path: P
     assert float(np.median(shifted)) > float(np.quantile(clean, 0.95))
 
 
-def test_one_pass_gives_the_views_logits_and_the_identity_views_features_and_levels(tmp_path: Path) -> None:
-    """Evaluation reads each image once for the logits of every view, the pooled features and the level
-    descriptors; what it gets must be what the separate passes give, taken on the identity view whatever the views."""
-    from dermlab.data.images import read_image
-    from dermlab.evaluation.evaluate import level_descriptors, predict_view_outputs, predict_views
-
-    torch.manual_seed(0)
-    config = Config(model=ModelConfig(name="test_efficientnet", weights="none", input_size=[32, 32]))
-    model = create_model(config.model, 2, load_weights=False)
-    save_checkpoint(tmp_path / "run" / "best.ckpt", model, config, ["nv", "mel"], resolve_preprocessing(model, config.model))
-    loaded = load_checkpoint(tmp_path / "run" / "best.ckpt")
-    frame = pd.DataFrame({"path": write_noise_images(tmp_path / "images", 11, (190, 140, 120), 0)})
-    reads: list[str] = []
-
-    def counting_reader(path: str) -> Any:
-        reads.append(path)
-        return read_image(path)
-
-    outputs = predict_views(loaded, frame, ("hflip", "vflip"), batch_size=4, image_loader=counting_reader, features=True, levels=True)
-    assert len(reads) == len(frame)  # one decoding of each image, though three views are run
-    flips_logits, identity_features = predict_view_outputs(loaded, frame, ("hflip", "vflip"), batch_size=4)
-    np.testing.assert_allclose(outputs.logits, flips_logits, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(outputs.features, identity_features, rtol=1e-5, atol=1e-6)
-    separate = level_descriptors(loaded, frame, batch_size=4)
-    flipped = stack_levels(_captured_levels(loaded, frame, "hflip"))
-    assert set(outputs.levels) == set(separate)
-    for level, values in separate.items():
-        assert outputs.levels[level].shape == (11, values.shape[1])
-        np.testing.assert_allclose(outputs.levels[level], values, rtol=1e-4, atol=1e-5)
-        assert not np.allclose(flipped[level], values, atol=1e-3)  # the flips' levels differ: the identity view's were kept
-    bare = predict_views(loaded, frame, ("hflip",), batch_size=4)
-    assert bare.features is None and bare.levels is None and bare.logits.shape == (1, 11, 2)
-
-
-def _captured_levels(loaded: Any, frame: pd.DataFrame, view: str) -> dict[str, list[torch.Tensor]]:
-    from dermlab.evaluation.evaluate import predict_view_logits
-
-    with capture_levels(loaded.model) as captured:
-        predict_view_logits(loaded, frame, (view,), batch_size=4)
-    return captured
-
-
 def _run_with_level_statistics(tmp_path: Path) -> tuple[Path, LevelStatistics, Any]:
     """A tiny random run whose checkpoint holds level statistics fitted on skin-coloured noise images; its
     checkpoint, the statistics and a function giving the level descriptors of image paths."""

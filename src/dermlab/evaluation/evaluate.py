@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,8 +46,6 @@ __all__ = [
     "predict_logits",
     "predict_view_logits",
     "predict_view_outputs",
-    "predict_views",
-    "ViewOutputs",
     "level_descriptors",
     "LevelView",
     "predict_image_logits",
@@ -109,57 +106,7 @@ def predict_view_logits(
     return _view_logits_of_rows(loaded, frame, views, batch_size, num_workers, device, image_loader)
 
 
-@dataclass(frozen=True)
-class ViewOutputs:
-    """What one pass over some rows gives: the logits ``(V, N, C)`` of each view, and of the identity view the
-    pooled backbone features ``(N, F)`` and each feature level's channel moments ``(N, 2C)`` when asked for."""
-
-    logits: np.ndarray
-    features: np.ndarray | None = None
-    levels: dict[str, np.ndarray] | None = None
-
-
 @torch.inference_mode()
-def predict_views(
-    loaded: LoadedModel,
-    frame: pd.DataFrame,
-    views: Sequence[str] = ("identity",),
-    batch_size: int = 64,
-    num_workers: int = 0,
-    device: torch.device | None = None,
-    image_loader: Callable[[str], Any] | None = None,
-    *,
-    features: bool = False,
-    levels: bool = False,
-) -> ViewOutputs:
-    """The view logits of the rows and, with ``features`` / ``levels``, what the familiarity checks compare
-    (:mod:`dermlab.evaluation.familiarity`, :mod:`dermlab.evaluation.level_statistics`), all from one decoding
-    of each image and one forward pass per view.
-
-    Features and levels are those of the identity view, as their statistics were fitted (so they do not depend
-    on the TTA views); the identity view is run too when ``views`` lack it, and left out of the logits.
-    """
-    from dermlab.evaluation.familiarity import capture_pooled
-
-    views = resolve_tta_views(list(views))
-    run = views if "identity" in views or not (features or levels) else ("identity", *views)
-    with (
-        capture_pooled(loaded.model) if features else contextlib.nullcontext([]) as pooled,
-        capture_levels(loaded.model) if levels else contextlib.nullcontext({}) as captured,
-    ):
-        logits = _view_logits_of_rows(loaded, frame, run, batch_size, num_workers, device, image_loader)
-    identity = run.index("identity") if "identity" in run else 0
-
-    def of_identity(batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:  # captured in the order view 1..V of batch 1, ...
-        return list(batches[identity :: len(run)])
-
-    return ViewOutputs(
-        logits=logits[[run.index(view) for view in views]],
-        features=view_features(of_identity(pooled), 1, int(getattr(loaded.model, "num_features", 0)))[0] if features else None,
-        levels=stack_levels({level: of_identity(batches) for level, batches in captured.items()}) if levels else None,
-    )
-
-
 def predict_view_outputs(
     loaded: LoadedModel,
     frame: pd.DataFrame,
@@ -170,11 +117,20 @@ def predict_view_outputs(
     image_loader: Callable[[str], Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits ``(V, N, C)`` as :func:`predict_view_logits`, and the pooled backbone features ``(N, F)`` of the
-    identity view (see :func:`predict_views`)."""
-    outputs = predict_views(loaded, frame, views, batch_size, num_workers, device, image_loader, features=True)
-    return outputs.logits, outputs.features
+    identity view, what :mod:`dermlab.evaluation.familiarity` compares with the training images (fitted on the
+    identity view, so the distances do not depend on the TTA views; the identity view is run too when ``views``
+    lack it)."""
+    from dermlab.evaluation.familiarity import capture_pooled
+
+    views = resolve_tta_views(list(views))
+    run = views if "identity" in views else ("identity", *views)
+    with capture_pooled(loaded.model) as pooled:
+        logits = _view_logits_of_rows(loaded, frame, run, batch_size, num_workers, device, image_loader)
+    features = view_features(pooled, len(run), int(getattr(loaded.model, "num_features", 0)))[run.index("identity")]
+    return logits[[run.index(view) for view in views]], features
 
 
+@torch.inference_mode()
 def level_descriptors(
     loaded: LoadedModel,
     frame: pd.DataFrame,
@@ -185,7 +141,9 @@ def level_descriptors(
 ) -> dict[str, np.ndarray]:
     """Per feature level of the backbone, each image's channel means and deviations ``(N, 2C)`` (the identity
     view, as evaluation preprocesses it): what :mod:`dermlab.evaluation.level_statistics` compares."""
-    return predict_views(loaded, frame, ("identity",), batch_size, num_workers, device, image_loader, levels=True).levels
+    with capture_levels(loaded.model) as captured:
+        _view_logits_of_rows(loaded, frame, ("identity",), batch_size, num_workers, device, image_loader)
+    return stack_levels(captured)
 
 
 def view_features(pooled: Sequence[torch.Tensor], views: int, width: int) -> np.ndarray:
@@ -382,13 +340,13 @@ def evaluate_frame(
         evaluation.tta, loaded.extras, str(loaded.path), tta=tta, calibrated=calibrated, abstain=abstain, rule=rule
     )
     statistics = checkpoint_feature_statistics(loaded.extras, str(loaded.path))
-    level_statistics = checkpoint_level_statistics(loaded.extras, str(loaded.path))
-    outputs = predict_views(
-        loaded, frame, behaviour.views, batch_size, num_workers,
-        features=statistics is not None or behaviour.needs_features, levels=level_statistics is not None,
-    )
+    features = None
+    if statistics is not None or behaviour.needs_features:
+        logits, features = predict_view_outputs(loaded, frame, behaviour.views, batch_size=batch_size, num_workers=num_workers)
+    else:
+        logits = predict_view_logits(loaded, frame, behaviour.views, batch_size=batch_size, num_workers=num_workers)
     return score_logits(
-        outputs.logits,
+        logits,
         frame,
         loaded.classes,
         out_dir,
@@ -398,10 +356,18 @@ def evaluate_frame(
         views=behaviour.views,
         decision=behaviour.decision,
         rule=behaviour.rule,
-        features=outputs.features,
+        features=features,
         statistics=statistics,
-        levels=LevelView(level_statistics, outputs.levels) if level_statistics is not None else None,
+        levels=_level_view(loaded, frame, batch_size, num_workers),
     )
+
+
+def _level_view(loaded: LoadedModel, frame: pd.DataFrame, batch_size: int, num_workers: int) -> LevelView | None:
+    """The checkpoint's level statistics and ``frame``'s level descriptors, or None when it has none."""
+    statistics = checkpoint_level_statistics(loaded.extras, str(loaded.path))
+    if statistics is None:
+        return None
+    return LevelView(statistics, level_descriptors(loaded, frame, batch_size=batch_size, num_workers=num_workers))
 
 
 @dataclass(frozen=True)

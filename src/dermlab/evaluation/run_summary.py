@@ -8,7 +8,6 @@ Before scoring, the best checkpoint is completed with what is fitted on the val 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,11 @@ from dermlab.evaluation.bootstrap import sensitivity_key
 from dermlab.evaluation.decision import DecisionRule, checkpoint_decision, fit_tau
 from dermlab.evaluation.evaluate import (
     LevelView,
-    ViewOutputs,
-    _nll,
     level_descriptors,
+    _nll,
     predict_image_logits,
-    predict_views,
+    predict_view_logits,
+    predict_view_outputs,
     resolve_abstention,
     resolve_temperature,
     score_logits,
@@ -68,16 +67,12 @@ def summarise_run(
     rows = {split: part for split, part in rows.items() if len(part) > 0}
     train = split_rows(frame, "train")
     with_features = bool(evaluation.feature_statistics) and "val" in rows and len(train) >= 3 and has_one_backbone(loaded.model)
-    with_levels = with_features and _has_feature_levels(loaded)
-    views, outputs, tta_facts = _split_outputs(loaded, rows, batch_size, num_workers, with_features, with_levels)
-    logits = {split: output.logits for split, output in outputs.items()}
-    features = {split: output.features for split, output in outputs.items() if output.features is not None}
-    split_levels = {split: output.levels for split, output in outputs.items() if output.levels is not None}
-    familiarity = (_fit_feature_statistics(loaded, train, features["val"], split_levels.get("val"), batch_size, num_workers)
-                   if with_features else {})
+    views, logits, features, tta_facts = _split_outputs(loaded, rows, batch_size, num_workers, with_features)
+    familiarity, fitted_levels = (_fit_feature_statistics(loaded, train, rows.get("val"), features, batch_size, num_workers)
+                                  if with_features else ({}, {}))
     level_statistics = checkpoint_level_statistics(loaded.extras, str(loaded.path))
     prior = _train_prior(frame, loaded.classes)
-    facts = _fit_on_val(loaded, rows.get("val"), logits.get("val"), views, prior, tta_facts, features.get("val"), split_levels.get("val"))
+    facts = _fit_on_val(loaded, rows.get("val"), logits.get("val"), views, prior, tta_facts, features.get("val"), fitted_levels.get("val"))
     rule = resolve_abstention(loaded)
     decision = checkpoint_decision(loaded.extras, str(loaded.path))
     summary: dict[str, Any] = {}
@@ -95,7 +90,7 @@ def summarise_run(
             rule=decision.default if decision is not None else "argmax",
             features=features.get(split),
             statistics=checkpoint_feature_statistics(loaded.extras, str(loaded.path)),
-            levels=LevelView(level_statistics, split_levels.get(split)  # a checkpoint's own, when not fitted here
+            levels=LevelView(level_statistics, fitted_levels.get(split)
                              or level_descriptors(loaded, part, batch_size=batch_size, num_workers=num_workers))
             if level_statistics is not None else None,
         )
@@ -111,21 +106,28 @@ def summarise_run(
 
 
 def _split_outputs(
-    loaded: LoadedModel, rows: dict[str, pd.DataFrame], batch_size: int, num_workers: int, with_features: bool, with_levels: bool
-) -> tuple[tuple[str, ...], dict[str, ViewOutputs], dict[str, Any]]:
+    loaded: LoadedModel, rows: dict[str, pd.DataFrame], batch_size: int, num_workers: int, with_features: bool
+) -> tuple[tuple[str, ...], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
     """The run's views (chosen on val when ``evaluation.tta_candidates``), each split's view logits and, with
-    ``with_features`` / ``with_levels``, its pooled features and level descriptors (identity view), from one
-    pass over each split; and the facts of the TTA choice."""
+    ``with_features``, its pooled features (identity view); and the facts of the TTA choice."""
     evaluation = loaded.config.evaluation
-    wanted = {"features": with_features, "levels": with_levels}
-    outputs: dict[str, ViewOutputs] = {}
+    logits: dict[str, np.ndarray] = {}
+    features: dict[str, np.ndarray] = {}
     views, tta_facts = resolve_tta_views(evaluation.tta), {}
     if "val" in rows and evaluation.tta_candidates:
-        views, outputs["val"], tta_facts = _choose_tta_on_val(loaded, rows["val"], batch_size, num_workers, **wanted)
+        views, logits["val"], tta_facts, val_features = _choose_tta_on_val(
+            loaded, rows["val"], batch_size, num_workers, with_features=with_features
+        )
+        if val_features is not None:
+            features["val"] = val_features
     for split, part in rows.items():
-        if split not in outputs:
-            outputs[split] = predict_views(loaded, part, views, batch_size, num_workers, **wanted)
-    return views, outputs, tta_facts
+        if split in logits:
+            continue
+        if with_features:
+            logits[split], features[split] = predict_view_outputs(loaded, part, views, batch_size=batch_size, num_workers=num_workers)
+        else:
+            logits[split] = predict_view_logits(loaded, part, views, batch_size=batch_size, num_workers=num_workers)
+    return views, logits, features, tta_facts
 
 
 def _write_pictures_and_pages(run_dir: Path) -> None:
@@ -247,11 +249,11 @@ def _with_interval(value: Any, interval: Any) -> str:
 
 
 def _choose_tta_on_val(
-    loaded: LoadedModel, val: pd.DataFrame, batch_size: int, num_workers: int, *, features: bool = False, levels: bool = False
-) -> tuple[tuple[str, ...], ViewOutputs, dict[str, Any]]:
+    loaded: LoadedModel, val: pd.DataFrame, batch_size: int, num_workers: int, *, with_features: bool = False
+) -> tuple[tuple[str, ...], np.ndarray, dict[str, Any], np.ndarray | None]:
     """The candidate view set of ``evaluation.tta_candidates`` with the lowest val log-loss (each with its own
-    fitted temperature), the val outputs with that candidate's logits (and the pooled features and level
-    descriptors asked for, identity view), and the facts (every candidate's log-loss).
+    fitted temperature), its val logits, the facts (every candidate's log-loss) and, ``with_features``, the val
+    images' pooled features (identity view; else None).
 
     The union of the candidates' views is run once; a log-loss, not accuracy, decides, as it is smooth and
     proper (a count of a few hundred images changes by one image at a time). Ties go to the fewer views.
@@ -260,8 +262,10 @@ def _choose_tta_on_val(
     y_val = val["label"].map(index).to_numpy(dtype=np.int64)
     candidates = [resolve_tta_views(candidate) for candidate in loaded.config.evaluation.tta_candidates]
     union = tuple(dict.fromkeys(view for candidate in candidates for view in candidate))
-    outputs = predict_views(loaded, val, union, batch_size, num_workers, features=features, levels=levels)
-    all_logits = outputs.logits
+    if with_features:
+        all_logits, all_features = predict_view_outputs(loaded, val, union, batch_size=batch_size, num_workers=num_workers)
+    else:
+        all_logits, all_features = predict_view_logits(loaded, val, union, batch_size=batch_size, num_workers=num_workers), None
     scores = {}
     for candidate in candidates:
         picked = all_logits[[union.index(view) for view in candidate]]
@@ -271,32 +275,37 @@ def _choose_tta_on_val(
     views = tuple(best.split(","))
     log.info("TTA views chosen on val: %s (val log-loss %s)", best, {k: round(v, 4) for k, v in scores.items()})
     chosen = [union.index(view) for view in views]
-    return views, dataclasses.replace(outputs, logits=all_logits[chosen]), {"views": list(views), "val_log_loss": scores}
+    return views, all_logits[chosen], {"views": list(views), "val_log_loss": scores}, all_features
 
 
 def _fit_feature_statistics(
     loaded: LoadedModel,
     train: pd.DataFrame,
-    val_features: np.ndarray,
-    val_levels: dict[str, np.ndarray] | None,
+    val: pd.DataFrame,
+    features: dict[str, np.ndarray],
     batch_size: int,
     num_workers: int,
-) -> dict[str, Any]:
-    """Fit the pooled-feature statistics on the train split (identity view) with references on val, and with
-    ``val_levels`` the level statistics (train and val, identity view); store them in the checkpoint
-    (``feature_statistics``, ``level_statistics``). Returns the familiarity facts."""
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    """Fit the pooled-feature statistics on the train split (identity view), references on val (the run's
+    views), and the level statistics (train and val, identity view) when the backbone declares feature levels;
+    store them in the checkpoint (``feature_statistics``, ``level_statistics``). Returns the familiarity facts,
+    and the level descriptors computed here by split (val's), so that scoring val does not compute them again."""
     components = loaded.config.evaluation.feature_components
-    outputs = predict_views(loaded, train, ("identity",), batch_size, num_workers, features=True, levels=val_levels is not None)
-    statistics = fit_feature_statistics(outputs.features, val_features, components)
+    with_levels = _has_feature_levels(loaded)
+    with capture_levels(loaded.model) if with_levels else contextlib.nullcontext({}) as captured:
+        _, train_features = predict_view_outputs(loaded, train, ("identity",), batch_size=batch_size, num_workers=num_workers)
+    statistics = fit_feature_statistics(train_features, features["val"], components)
     stored = {"feature_statistics": statistics.to_dict()}
-    if val_levels is not None:  # the look of each feature level: train's identity view, val's
-        stored["level_statistics"] = fit_level_statistics(outputs.levels, val_levels, components).to_dict()
+    if with_levels:  # the look of each feature level: train's identity view (captured above), val's
+        val_levels = level_descriptors(loaded, val, batch_size=batch_size, num_workers=num_workers)
+        stored["level_statistics"] = fit_level_statistics(stack_levels(captured), val_levels, components).to_dict()
     update_checkpoint_metadata(loaded.path, **stored)
     loaded.extras.update(stored)
     log.info("feature statistics fitted on %d training images (%d axes)", statistics.images, statistics.eigenvalues.numel())
-    return {"train_images": statistics.images, "axes": int(statistics.eigenvalues.numel()),
-            "unusual_distance": statistics.unusual_distance, "reference_shift_score": statistics.reference_shift_score,
-            "level_statistics": sorted(stored.get("level_statistics", {}).get("levels", [])) or None}
+    facts = {"train_images": statistics.images, "axes": int(statistics.eigenvalues.numel()),
+             "unusual_distance": statistics.unusual_distance, "reference_shift_score": statistics.reference_shift_score,
+             "level_statistics": sorted(stored.get("level_statistics", {}).get("levels", [])) or None}
+    return facts, ({"val": val_levels} if with_levels else {})
 
 
 def _has_feature_levels(loaded: LoadedModel) -> bool:
