@@ -19,9 +19,10 @@ from dermlab.training.ensemble import create_ensemble_run
 CLASSES = ["nv", "mel", "bkl"]
 
 
-def _run(root: Path, seed: int, size: int = 32, fusion: bool = False, temperature: float = 1.0, classes=CLASSES, splits: str = "image_id,split\na,train\n") -> Path:
+def _run(root: Path, seed: int, size: int = 32, fusion: bool = False, temperature: float = 1.0, classes=CLASSES,
+         splits: str = "image_id,split\na,train\n", **model_options) -> Path:
     torch.manual_seed(seed)
-    config = Config(model=ModelConfig(name="test_efficientnet", weights="none", input_size=[size, size], metadata_fusion=fusion))
+    config = Config(model=ModelConfig(name="test_efficientnet", weights="none", input_size=[size, size], metadata_fusion=fusion, **model_options))
     model = create_model(config.model, len(classes), load_weights=False)
     save_checkpoint(root / "checkpoints" / "best.ckpt", model, config, classes, resolve_preprocessing(model, config.model), temperature=temperature)
     (root / "splits.csv").write_text(splits)
@@ -65,6 +66,21 @@ def test_members_must_share_classes_and_split(tmp_path: Path) -> None:
     create_ensemble_run([str(a)], tmp_path / "e3")
     with pytest.raises(ConfigError, match="already holds a run"):
         create_ensemble_run([str(a)], tmp_path / "e3")
+
+
+@pytest.mark.parametrize("options", [
+    {"color_constancy": "shades_of_gray"},
+    {"resize_mode": "crop"},
+])
+def test_members_whose_pixels_differ_are_refused(tmp_path: Path, options) -> None:
+    """The ensemble passes member 0's pixels on: a member with other colour constancy or framing is refused by name."""
+    plain = _run(tmp_path / "plain", 0)
+    other = _run(tmp_path / "other", 1, **options)
+    for first, second in ((plain, other), (other, plain)):
+        with pytest.raises(ConfigError, match=f"{second}: colour constancy .*must share colour constancy and resize mode"):
+            create_ensemble_run([str(first), str(second)], tmp_path / f"ens-{first.name}")
+        assert not (tmp_path / f"ens-{first.name}").exists()  # refused before anything is written
+    create_ensemble_run([str(other), str(_run(tmp_path / "same", 2, size=40, **options))], tmp_path / "ens")  # same pixels, other size: works
 
 
 @pytest.mark.slow  # a real ONNX export (about a second)

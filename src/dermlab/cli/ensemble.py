@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="average several runs' probabilities into a run folder that evaluate, predict, serve and export use",
         description="Average the calibrated probabilities of trained runs (other seeds, backbones, input sizes) "
         "into one model. The runs must share their classes and their splits.csv (so no member has trained on "
-        "the test images of another). The ensemble folder is scored like a trained run: on val it gets its own "
+        "the test images of another), and their colour constancy and resize mode (every member is fed the first "
+        "member's pixels, resized and re-normalised). The ensemble folder is scored like a trained run: on val it gets its own "
         "TTA views, temperature, abstention rule and balanced decision rule, then val and test are scored.",
     )
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or checkpoints) to average")

@@ -53,6 +53,8 @@ def create_ensemble_run(runs: list[str], out: str | Path) -> EnsembleRun:
     if any(split.read_bytes() != splits[0].read_bytes() for split in splits[1:]):
         different = next(path for path, split in zip(runs, splits) if split.read_bytes() != splits[0].read_bytes())
         raise DataError(f"{different}: its splits.csv differs from {runs[0]}'s; members trained on other splits may have seen each other's test images")
+    for path, member in zip(runs[1:], loaded[1:]):
+        _check_same_pixels(path, member.preprocessing, runs[0], loaded[0].preprocessing)
     entries = [member_entry(str(path), member) for path, member in zip(runs, loaded)]
     model = EnsembleClassifier([m.model for m in loaded], [m.preprocessing for m in loaded], [e["temperature"] for e in entries])
     first = loaded[0].config
@@ -66,6 +68,26 @@ def create_ensemble_run(runs: list[str], out: str | Path) -> EnsembleRun:
     atomic_write_json(out / "lineage.json", {"made_with": "dermlab ensemble", "members": [str(p) for p in runs], "member_wall_time_s": wall_times})
     save_checkpoint(out / "checkpoints" / "best.ckpt", model, config, classes, loaded[0].preprocessing, ensemble={"members": entries})
     return EnsembleRun(config=config, members=[str(p) for p in runs], member_wall_times=wall_times, dropped_scores=dropped)
+
+
+def _check_same_pixels(path: str, preprocessing: Any, first_path: str, first: Any) -> None:
+    """Refuse a member whose pixels differ from the first member's in more than size and normalisation.
+
+    The ensemble feeds every member the first member's preprocessed input, resized and re-normalised: it cannot
+    add or undo colour constancy, nor turn a crop into a squash, so such a member would see pixels it never trained on.
+    """
+    def pixels(p: Any) -> tuple[Any, ...]:
+        return (p.color_constancy, p.color_constancy_p if p.color_constancy else None, p.resize_mode)
+
+    if pixels(preprocessing) != pixels(first):
+        def said(p: Any) -> str:
+            constancy = f"{p.color_constancy} (p {p.color_constancy_p:g})" if p.color_constancy else "none"
+            return f"colour constancy {constancy}, resize mode {p.resize_mode}"
+
+        raise ConfigError(
+            f"{path}: {said(preprocessing)}, but {first_path} has {said(first)}; an ensemble feeds every member the "
+            "first member's pixels (resized and re-normalised only), so its members must share colour constancy and resize mode"
+        )
 
 
 def _logit_scores_only(evaluation: Any) -> tuple[Any, tuple[str, ...]]:
