@@ -56,3 +56,14 @@ VALID = {"input_size": [224, 224], "mean": [0.5] * 3, "std": [0.5] * 3}
 def test_invalid_values_are_config_errors(values: object, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         Preprocessing.from_dict(values)  # type: ignore[arg-type]
+
+
+def test_pixel_pipeline_ignores_what_a_resize_and_renormalisation_convert() -> None:
+    base = Preprocessing(input_size=(32, 32), mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+    convertible = Preprocessing(input_size=(40, 48), mean=(0.4, 0.5, 0.6), std=(0.3, 0.2, 0.1), interpolation="bilinear",
+                                color_constancy_p=2.0)  # the exponent matters only with colour constancy on
+    assert convertible.pixel_pipeline() == base.pixel_pipeline()
+    for change in ({"color_constancy": "shades_of_gray"}, {"resize_mode": "crop"}):
+        assert dataclasses.replace(base, **change).pixel_pipeline() != base.pixel_pipeline()
+    gray = dataclasses.replace(base, color_constancy="shades_of_gray")
+    assert dataclasses.replace(gray, color_constancy_p=2.0).pixel_pipeline() != gray.pixel_pipeline()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -165,6 +166,17 @@ def test_teachers_with_one_backbone_share_a_pass_and_see_converted_inputs() -> N
     raw = inputs * 0.25 + 0.5  # other teacher's normalisation is the identity on raw pixels
     assert torch.allclose(kd_bank.logits(inputs)[0], other.model(raw), atol=1e-5)
     assert not logits[0].is_inference()  # usable in the student's graph
+
+
+@pytest.mark.parametrize("change", [{"color_constancy": "shades_of_gray"}, {"resize_mode": "letterbox"}])
+def test_a_teacher_whose_pixels_cannot_be_converted_is_refused(change) -> None:
+    """Mean, std and size convert to the teacher's; colour constancy and framing do not: refused by name."""
+    classes = ["a", "b"]
+    teacher = _teacher("t", [0, 1], classes, 0)
+    TeacherBank([dataclasses.replace(teacher, preprocessing=dataclasses.replace(PRE, input_size=(4, 4)))], PRE, 2)
+    odd = dataclasses.replace(teacher, preprocessing=dataclasses.replace(PRE, **change))
+    with pytest.raises(ConfigError, match="teacher t: its preprocessing .* cannot be converted"):
+        TeacherBank([odd], PRE, 2)
 
 
 def test_easiness_is_the_covering_experts_true_class_probability() -> None:

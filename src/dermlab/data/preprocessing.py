@@ -84,6 +84,16 @@ class Preprocessing:
             "resize_mode": self.resize_mode,
         }
 
+    def pixel_pipeline(self) -> dict[str, Any]:
+        """What a resize and a re-normalisation of another preprocessing's output cannot reproduce: colour
+        constancy (with its exponent when it has one) and the resize mode. Two preprocessings with equal pipelines
+        differ only in size, filter and normalisation, so one's tensors convert to the other's."""
+        return {
+            "color_constancy": self.color_constancy,
+            "color_constancy_p": self.color_constancy_p if self.color_constancy else None,
+            "resize_mode": self.resize_mode,
+        }
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Preprocessing:
         """The inverse of :meth:`to_dict`; unknown or missing keys raise :class:`ConfigError`."""

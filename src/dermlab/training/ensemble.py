@@ -76,10 +76,7 @@ def _check_same_pixels(path: str, preprocessing: Any, first_path: str, first: An
     The ensemble feeds every member the first member's preprocessed input, resized and re-normalised: it cannot
     add or undo colour constancy, nor turn a crop into a squash, so such a member would see pixels it never trained on.
     """
-    def pixels(p: Any) -> tuple[Any, ...]:
-        return (p.color_constancy, p.color_constancy_p if p.color_constancy else None, p.resize_mode)
-
-    if pixels(preprocessing) != pixels(first):
+    if preprocessing.pixel_pipeline() != first.pixel_pipeline():
         def said(p: Any) -> str:
             constancy = f"{p.color_constancy} (p {p.color_constancy_p:g})" if p.color_constancy else "none"
             return f"colour constancy {constancy}, resize mode {p.resize_mode}"

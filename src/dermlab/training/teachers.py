@@ -53,11 +53,6 @@ def convert_normalisation(inputs: torch.Tensor, source: Preprocessing, target: P
     return (raw - inputs.new_tensor(target.mean).view(shape)) / inputs.new_tensor(target.std).view(shape)
 
 
-def _pixel_pipeline(preprocessing: Preprocessing) -> dict[str, Any]:
-    """The parts of the preprocessing that :func:`convert_normalisation` cannot translate."""
-    return {k: v for k, v in preprocessing.to_dict().items() if k not in ("mean", "std", "input_size", "interpolation")}
-
-
 @dataclass
 class Teacher:
     """A frozen teacher network: its outputs are the student's classes ``columns`` (student indices), in order."""
@@ -146,10 +141,10 @@ class TeacherBank:
         self.student_preprocessing = student_preprocessing
         self.num_classes = num_classes
         for teacher in self.teachers:
-            if _pixel_pipeline(teacher.preprocessing) != _pixel_pipeline(student_preprocessing):
+            if teacher.preprocessing.pixel_pipeline() != student_preprocessing.pixel_pipeline():
                 raise ConfigError(
-                    f"teacher {teacher.path}: its preprocessing {_pixel_pipeline(teacher.preprocessing)} differs from the "
-                    f"student's {_pixel_pipeline(student_preprocessing)} beyond mean, std and size; it cannot be converted"
+                    f"teacher {teacher.path}: its preprocessing {teacher.preprocessing.pixel_pipeline()} differs from the "
+                    f"student's {student_preprocessing.pixel_pipeline()} beyond mean, std and size; it cannot be converted"
                 )
         # teachers with identical backbones and preprocessing share one backbone pass
         self.families: list[list[int]] = []
