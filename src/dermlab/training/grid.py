@@ -18,18 +18,19 @@ Every run reuses the first run's ``splits.csv`` (one lesion-disjoint split for a
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from dermlab.config import Config, apply_overrides, load_config
+from dermlab.config import Config, apply_overrides, config_to_dict, load_config
 from dermlab.errors import ConfigError
 from dermlab.io import atomic_write_bytes
 from dermlab.training.run import train_and_summarise
 
-__all__ = ["load_grid", "grid_overrides", "run_config", "run_grid"]
+__all__ = ["config_differences", "load_grid", "grid_overrides", "run_config", "run_grid"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -79,6 +80,21 @@ def run_config(grid: dict[str, Any], entry: dict[str, Any], data: str | Path, sp
     return apply_overrides(base, overrides)
 
 
+#: config keys that may differ between a finished run and its grid row without changing what was trained
+_RUN_LOCAL_KEYS = {("data", "path"), ("data", "splits_file"), ("data", "num_workers"), ("data", "cache_dir")}
+
+
+def config_differences(saved: Config, wanted: Config) -> list[str]:
+    """``"section.key: saved -> wanted"`` for each setting (beyond paths, workers and caches) that differs."""
+    have, want = config_to_dict(saved), config_to_dict(wanted)
+    return [
+        f"{section}.{key}: {have.get(section, {}).get(key)!r} -> {value!r}"
+        for section, values in want.items() if isinstance(values, dict)
+        for key, value in values.items()
+        if (section, key) not in _RUN_LOCAL_KEYS and have.get(section, {}).get(key) != value
+    ]
+
+
 def run_grid(
     grid: dict[str, Any],
     data: str | Path,
@@ -103,6 +119,10 @@ def run_grid(
         config = run_config(grid, entry, data, shared_splits if shared_splits.is_file() else None)
         if (run_dir / "metrics.json").is_file():
             print(f"[{entry['name']}] already finished, skipped")
+            changed = config_differences(load_config(run_dir / "config.yaml"), config)
+            if changed:  # said, not silent: its figures are of the saved config, not of the row as it reads now
+                print(f"[{entry['name']}] warning: it finished with a config the grid row no longer gives "
+                      f"({'; '.join(changed)}); move {run_dir} away to train the row as it reads now", file=sys.stderr)
             run_dirs.append(run_dir)
             continue
         resume = (run_dir / "config.yaml").is_file()
