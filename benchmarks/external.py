@@ -15,7 +15,8 @@ against the others present, with 95% bootstrap intervals over images), the targe
 own decision rule over all its classes, and the share the abstention rule marks "uncertain". Then the
 in-distribution check: each method adapted on the run's own test images, and the change it makes to the test
 split's accuracy, balanced accuracy and macro AUC (it should be within noise). With several runs, each later run's
-as-trained figures minus the first's on the same external images, with paired bootstrap intervals.
+as-trained figures minus each earlier run's on the same external images, with paired bootstrap intervals.
+A progress line goes to stderr before each measurement (the figures come at the end).
 ``--methods``: only these methods. ``--quick``: a random tiny model on synthetic images (smoke test).
 
 Writes ``benchmarks/results/external.json`` (``--quick``: ``external-quick.json``).
@@ -59,11 +60,15 @@ def main() -> int:
     rows, checks = [], {}
     for run in args.runs:
         for method in args.methods:
+            _progress(f"[{run.name}] {method}: scoring on {args.external}")
             rows.append({"run": run.name, "method": method, **_refused_or(lambda: _score_external(run, method, args))})
-        checks[run.name] = {method: _refused_or(lambda: _in_distribution_check(run, method, args)) for method in args.methods if method != "as trained"}
+        checks[run.name] = {}
+        for method in (m for m in args.methods if m != "as trained"):
+            _progress(f"[{run.name}] {method}: adapting on its own test images (the in-distribution check)")
+            checks[run.name][method] = _refused_or(lambda: _in_distribution_check(run, method, args))
     scored = [r for r in rows if "refused" not in r]
     target = scored[0]["target"] if scored else "target"
-    paired = _paired_with_first(rows)
+    paired = _paired_differences(rows)
     for row in rows:
         row.pop("_restricted", None)
     args.runs, args.external = [str(run) for run in args.runs], str(args.external)  # plain data for the JSON
@@ -93,6 +98,10 @@ def main() -> int:
             ["difference", "accuracy", "balanced accuracy", f"AUC {target} vs rest"],
         )
     return 0
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)  # flushed: a log file shows where a long run is
 
 
 def _refused_or(measure: Any) -> dict[str, Any]:
@@ -164,25 +173,24 @@ def _restricted(predictions: pd.DataFrame, present: list[str]) -> dict[str, Any]
             "probabilities": probabilities / probabilities.sum(axis=1, keepdims=True)}
 
 
-def _paired_with_first(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """For every run after the first, its as-trained restricted accuracy, balanced accuracy and AUC minus the
-    first run's, on the same external images, with 95% paired bootstrap intervals over images."""
+def _paired_differences(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """For every pair of runs, the later run's as-trained restricted accuracy, balanced accuracy and AUC minus the
+    earlier run's (``--runs`` order), on the same external images, with 95% paired bootstrap intervals over images."""
     from dermlab.evaluation.bootstrap import paired_bootstrap
 
     trained = [row for row in rows if row["method"] == "as trained" and "_restricted" in row]
-    if len(trained) < 2:
-        return {}
-    base = trained[0]["_restricted"]
-    index = {name: i for i, name in enumerate(base["classes"])}
     paired = {}
-    for row in trained[1:]:
-        other = row["_restricted"]
-        if other["ids"] != base["ids"] or other["classes"] != base["classes"]:
-            paired[row["run"]] = {"refused": "not scored on the same images and classes as " + trained[0]["run"]}
-            continue
-        result = paired_bootstrap([index[label] for label in base["true"]], base["probabilities"], other["probabilities"],
-                                  base["classes"], resamples=1000, seed=0)
-        paired[f"{row['run']} - {trained[0]['run']}"] = {key: result[key] for key in ("accuracy", "balanced_accuracy", "auc_macro")}
+    for i, earlier in enumerate(trained):
+        base = earlier["_restricted"]
+        index = {name: k for k, name in enumerate(base["classes"])}
+        for later in trained[i + 1:]:
+            name, other = f"{later['run']} - {earlier['run']}", later["_restricted"]
+            if other["ids"] != base["ids"] or other["classes"] != base["classes"]:
+                paired[name] = {"refused": "not scored on the same images and classes as " + earlier["run"]}
+                continue
+            result = paired_bootstrap([index[label] for label in base["true"]], base["probabilities"], other["probabilities"],
+                                      base["classes"], resamples=1000, seed=0)
+            paired[name] = {key: result[key] for key in ("accuracy", "balanced_accuracy", "auc_macro")}
     return paired
 
 
@@ -204,7 +212,8 @@ def _in_distribution_check(run: Path, method: str, args: argparse.Namespace) -> 
 
 
 def _quick_setup(work: Path) -> tuple[list[Path], Path]:
-    """A random tiny model over a synthetic HAM10000-layout set, and a two-class external folder of its test images."""
+    """A random tiny model over a synthetic HAM10000-layout set (twice: ``run`` and its copy ``run-copy``, whose
+    paired difference must be exactly 0), and a two-class external folder of its test images."""
     import torch
 
     from dermlab.config import Config, apply_overrides
@@ -230,7 +239,8 @@ def _quick_setup(work: Path) -> tuple[list[Path], Path]:
     for _, row in split.frame[split.frame["label"].isin(["mel", "nv"])].iterrows():
         (external / row["label"]).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(row["path"], external / row["label"] / Path(row["path"]).name)
-    return [run], external
+    shutil.copytree(run, root / "run-copy")
+    return [run, root / "run-copy"], external
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ BENCHMARKS = {
     "service": ["results", "ratios"],
     "accuracy": ["runs", "class_counts"],
     "clinical": ["runs", "targets", "paired"],
-    "external": ["rows", "in_distribution"],
+    "external": ["rows", "in_distribution", "paired"],
     "familiarity": ["runs"],
     "robustness": ["runs", "reports", "tables"],
     "distillation": ["results", "experts", "timings_s"],
@@ -38,7 +38,7 @@ BENCHMARKS = {
 EXTRA_ARGS = {
     "accuracy": ["--only", "peer-seed0", "default", "default-seed2", "ensemble-default-x2"],
     "clinical": ["--only", "peer-seed0", "default", "ref_b_baseline", "ref_b_cutmix", "ref_b_distill"],
-    "robustness": ["--only", "default", "color_constancy"],
+    "robustness": ["--only", "default", "no_color_constancy"],
     "calibration_abstention": ["--fusion", "--fusion-seeds", "1"],
     # a server may need minutes to import and load beside another benchmark on a small machine
     "service": ["--start-timeout", "400"],
@@ -96,7 +96,12 @@ def test_every_benchmark_runs_quick_and_writes_its_json(tmp_path: Path) -> None:
     assert set(accuracy["paired"]["default - peer-seed0"]) >= {"accuracy", "balanced_accuracy", "auc_macro"}
     assert sum(accuracy["class_counts"]["nv"].values()) > 0
     external = json.loads((tmp_path / "results" / "external-quick.json").read_text())
-    assert [row["method"] for row in external["rows"]] == ["as trained", "adabn", "tent", "prior"]
+    assert [(row["run"], row["method"]) for row in external["rows"]] == [
+        (run, method) for run in ("run", "run-copy") for method in ("as trained", "adabn", "tent", "prior")
+    ]
+    same = external["paired"]["run-copy - run"]  # a copy of the run: its predictions, image by image, are the run's
+    assert set(same) == {"accuracy", "balanced_accuracy", "auc_macro"}
+    assert all(d["difference"] == 0 and d["interval"] == [0, 0] for d in same.values())
     assert all(0 <= row["auc"] <= 1 and row["images"] > 0 for row in external["rows"])
     assert set(external["in_distribution"]["run"]) == {"adabn", "tent", "prior"}
     assert set(external["in_distribution"]["run"]["adabn"]["after"]) == {"accuracy", "balanced_accuracy", "auc_macro"}
