@@ -59,8 +59,8 @@ ENSEMBLES = {"ensemble-default-x2": ("default", "default-seed2")}
 PAIRS = [
     ("default", "peer-seed0"), ("default-seed2", "peer-seed1"), ("ensemble-default-x2", "peer-seed0"),
     ("default-seed2", "default"), ("peer-seed1", "peer-seed0"), ("ensemble-default-x2", "default"),
-    ("default", "no_lp_init"), ("default_bn_trained", "default"), ("other_clinics", "default"),
-    ("colour_constancy", "default"), ("colour_constancy_square", "colour_constancy"),
+    ("default", "no_lp_init"), ("default_bn_trained", "default"), ("other_clinics", "previous_default"),
+    ("default", "previous_default"), ("colour_constancy", "previous_default"), ("default", "colour_constancy"),
 ]
 
 

@@ -42,7 +42,13 @@ def test_every_grid_run_resolves_to_a_valid_config() -> None:
     assert names["accuracy/default"].train.ema and names["accuracy/default"].train.unfreeze == "all"
     assert names["accuracy/old_default"].train.stage2_cached_views == 4 and not names["accuracy/old_default"].train.ema
     assert names["accuracy/default-seed2"].train.seed != names["accuracy/default"].train.seed
-    assert names["robustness/color_constancy"].model.color_constancy == "shades_of_gray"
+    # the default has colour constancy at a square input; the rows that pin the previous recipe really do
+    assert names["robustness/default"].model.color_constancy == "shades_of_gray"
+    assert names["robustness/no_color_constancy"].model.color_constancy is None
+    previous = names["accuracy/previous_default"]
+    assert (previous.model.color_constancy, previous.model.input_size) == (None, [144, 192])
+    assert names["accuracy/default"].model.input_size == [168, 168]
+    assert names["accuracy/old_default"].model.color_constancy is None and names["accuracy/reference_a"].model.color_constancy is None
     assert names["imbalance/cutmix_weighted_ce"].mixing.method == "cutmix"
     assert names["imbalance/cutmix_weighted_ce"].loss.name == "weighted_cross_entropy"
 
