@@ -119,7 +119,8 @@ def run_grid(
         config = run_config(grid, entry, data, shared_splits if shared_splits.is_file() else None)
         if (run_dir / "metrics.json").is_file():
             print(f"[{entry['name']}] already finished, skipped")
-            changed = config_differences(load_config(run_dir / "config.yaml"), config)
+            saved = run_dir / "config.yaml"
+            changed = config_differences(load_config(saved), config) if saved.is_file() else []
             if changed:  # said, not silent: its figures are of the saved config, not of the row as it reads now
                 print(f"[{entry['name']}] warning: it finished with a config the grid row no longer gives "
                       f"({'; '.join(changed)}); move {run_dir} away to train the row as it reads now", file=sys.stderr)
