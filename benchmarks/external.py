@@ -12,7 +12,10 @@ For every ``--runs`` run, on the ``--external`` folder (its labels read only to 
 
 Each row: the softmax restricted to the classes present (accuracy, balanced accuracy, AUC of the target class
 against the others present, with 95% bootstrap intervals over images), the target class's recall at the run's
-own decision rule over all its classes, and the share the abstention rule marks "uncertain". Then the
+own decision rule over all its classes, and the share the abstention rule marks "uncertain"; and whether the run's
+val operating points travel: the thresholds on the target's probability that gave specificity 0.8 and sensitivity
+0.8 on its own val split (``metrics.json``), applied to the external images (the target's recall there, and the
+share of the other classes present it flags). Then the
 in-distribution check: each method adapted on the run's own test images, and the change it makes to the test
 split's accuracy, balanced accuracy and macro AUC (it should be within noise). With several runs, each later run's
 as-trained figures minus each earlier run's on the same external images, with paired bootstrap intervals.
@@ -81,6 +84,14 @@ def main() -> int:
           f"{r['uncertain']:.3f}"] for r in rows],
         ["run", "method", "accuracy", "balanced acc", f"AUC {target} vs rest", f"{target} recall (run's rule)", "by rule", "uncertain"],
     )
+    points = [(r, name, p) for r in rows for name, p in (r.get("val_operating_points") or {}).items()]
+    if points:
+        print_table(
+            f"the run's val operating points on the external images (threshold on p({target}) fitted on its val split)",
+            [[r["run"], r["method"], name, f"{p['threshold']:.4f}", f"{p['val_sensitivity']:.3f} / {p['val_specificity']:.3f}",
+              _share(p["recall"]), _share(p["others_flagged"])] for r, name, p in points],
+            ["run", "method", "operating point", "threshold", "val sensitivity / specificity", f"external {target} recall", "others flagged"],
+        )
     if any(checks.values()):
         print_table(
             "in distribution: each method adapted on the run's own test images, test split before -> after",
@@ -112,6 +123,10 @@ def _refused_or(measure: Any) -> dict[str, Any]:
         return measure()
     except ConfigError as error:
         return {"refused": str(error).split(": ", 1)[-1]}
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _cell(row: dict[str, Any], key: str) -> str:
@@ -161,8 +176,35 @@ def _score_external(run: Path, method: str, args: argparse.Namespace) -> dict[st
         "rule": rule,
         "uncertain": float((metrics.get("abstention") or {}).get("rejected", 0.0)),
         "images": int(metrics["n"]),
+        "val_operating_points": _val_operating_points(run, predictions, target),
         "_restricted": _restricted(predictions, present["classes"]),  # for the paired differences; not written
     }
+
+
+def _val_operating_points(run: Path, predictions: pd.DataFrame, target: str) -> dict[str, Any]:
+    """The run's val operating points for ``target`` (``metrics.json``: its threshold on the target's probability for
+    the fixed specificity and for the fixed sensitivity) applied to these images: the target's recall at each, and the
+    share of the other images it flags. Empty without a fitted operating point (a run without ``metrics.json``)."""
+    import json
+
+    path = run / "metrics.json"
+    fitted = ((json.loads(path.read_text()).get("val") or {}).get("target") or {}) if path.is_file() else {}
+    if fitted.get("class") != target:
+        return {}
+    score, positive = predictions[f"prob_{target}"].to_numpy(dtype=np.float64), (predictions["true"] == target).to_numpy()
+    points = {}
+    for key, fixed in (("sensitivity_at_specificity", "specificity"), ("specificity_at_sensitivity", "sensitivity")):
+        point = fitted.get(key) or {}
+        if point.get("threshold") is None:
+            continue
+        flagged = score >= float(point["threshold"])
+        points[f"val {fixed} {point['requested']:g}"] = {
+            "threshold": float(point["threshold"]),
+            "val_sensitivity": point.get("sensitivity"), "val_specificity": point.get("specificity"),
+            "recall": float(flagged[positive].mean()) if positive.any() else None,
+            "others_flagged": float(flagged[~positive].mean()) if (~positive).any() else None,
+        }
+    return points
 
 
 def _restricted(predictions: pd.DataFrame, present: list[str]) -> dict[str, Any]:
@@ -214,6 +256,8 @@ def _in_distribution_check(run: Path, method: str, args: argparse.Namespace) -> 
 def _quick_setup(work: Path) -> tuple[list[Path], Path]:
     """A random tiny model over a synthetic HAM10000-layout set (twice: ``run`` and its copy ``run-copy``, whose
     paired difference must be exactly 0), and a two-class external folder of its test images."""
+    import json
+
     import torch
 
     from dermlab.config import Config, apply_overrides
@@ -239,6 +283,10 @@ def _quick_setup(work: Path) -> tuple[list[Path], Path]:
     for _, row in split.frame[split.frame["label"].isin(["mel", "nv"])].iterrows():
         (external / row["label"]).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(row["path"], external / row["label"] / Path(row["path"]).name)
+    # val operating points as a trained run's metrics.json holds them: one flags every image, one none
+    points = {"sensitivity_at_specificity": {"requested": 0.8, "specificity": 0.8, "sensitivity": 0.9, "threshold": 0.0},
+              "specificity_at_sensitivity": {"requested": 0.8, "specificity": 0.7, "sensitivity": 0.8, "threshold": 1.5}}
+    (run / "metrics.json").write_text(json.dumps({"val": {"target": {"class": "mel", **points}}}))
     shutil.copytree(run, root / "run-copy")
     return [run, root / "run-copy"], external
 

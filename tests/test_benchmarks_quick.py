@@ -103,6 +103,9 @@ def test_every_benchmark_runs_quick_and_writes_its_json(tmp_path: Path) -> None:
     assert set(same) == {"accuracy", "balanced_accuracy", "auc_macro"}
     assert all(d["difference"] == 0 and d["interval"] == [0, 0] for d in same.values())
     assert all(0 <= row["auc"] <= 1 and row["images"] > 0 for row in external["rows"])
+    points = external["rows"][0]["val_operating_points"]  # the quick run's thresholds: 0 flags every image, 1.5 none
+    assert (points["val specificity 0.8"]["recall"], points["val specificity 0.8"]["others_flagged"]) == (1.0, 1.0)
+    assert (points["val sensitivity 0.8"]["recall"], points["val sensitivity 0.8"]["others_flagged"]) == (0.0, 0.0)
     assert set(external["in_distribution"]["run"]) == {"adabn", "tent", "prior"}
     assert set(external["in_distribution"]["run"]["adabn"]["after"]) == {"accuracy", "balanced_accuracy", "auc_macro"}
     familiarity = json.loads((tmp_path / "results" / "familiarity-quick.json").read_text())["runs"]["run"]
