@@ -75,6 +75,16 @@ def test_summarise_run_fits_on_val_and_stores_it_in_the_checkpoint(ham_dir: Path
     assert written["val"]["calibration"] == pytest.approx(summary["val"]["calibration"])
     predictions = pd.read_csv(run / "eval" / "test" / "predictions.csv")
     assert predictions["uncertain"].dtype == bool
+    # the val split's mel threshold (for sensitivity 0.8 there: always a finite one) travels in the checkpoint, and
+    # the test split is scored at it, not at a threshold re-fitted on its own labels
+    fitted = summary["val"]["target"]["specificity_at_sensitivity"]
+    stored = meta["operating_points"]
+    assert (stored["class"], stored["fitted_on"]) == ("mel", "val")
+    assert stored["points"]["sensitivity 0.8"]["threshold"] == pytest.approx(fitted["threshold"])
+    assert "at_fitted_thresholds" not in summary["val"]
+    at = summary["test"]["at_fitted_thresholds"]["points"]["sensitivity 0.8"]
+    flagged, is_mel = predictions["prob_mel"] >= fitted["threshold"], predictions["true"] == "mel"
+    assert at["sensitivity"] == pytest.approx(flagged[is_mel].mean()) and at["specificity"] == pytest.approx(1 - flagged[~is_mel].mean())
     card = (run / "model_card.md").read_text()
     assert "Not a medical device" in card and f"T = {summary['temperature']:.4f}" in card
     report = (run / "report.html").read_text()
@@ -115,7 +125,8 @@ def test_evaluate_cli_applies_tta_temperature_and_abstention(ham_dir: Path, tmp_
     metrics = json.loads((tmp_path / "tta" / "metrics.json").read_text())
     assert metrics["tta"] == ["identity", "hflip", "vflip", "rot180"]
     assert metrics["calibration"]["temperature"] > 1.0 and "abstention" in metrics
-    assert "ECE" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ECE" in out and "mel at the operating points fitted on val" in out
     assert main(["evaluate", str(run), "--split", "test", "--uncalibrated", "--out", str(tmp_path / "raw")]) == 0
     raw = json.loads((tmp_path / "raw" / "metrics.json").read_text())
     assert raw["calibration"]["temperature"] == 1.0 and "abstention" not in raw

@@ -125,3 +125,18 @@ def test_damaged_files_raise_one_clear_error(tmp_path: Path) -> None:
         render_model_card(run)
     with pytest.raises(DataError, match="run folder not found"):
         render_model_card(tmp_path / "nope")
+
+
+def test_card_gives_the_test_split_at_the_val_threshold(tmp_path: Path) -> None:
+    val, test = _split_metrics(14, 0.8, 0.121, 0.034, 0.5), _split_metrics(58, 0.79, 0.133, 0.041, 0.25)
+    test["at_fitted_thresholds"] = {"class": "mel", "fitted_on": "val", "positives": 3, "negatives": 55, "points": {
+        "specificity 0.8": {"threshold": 0.08, "val_sensitivity": 0.89, "val_specificity": 0.8, "sensitivity": 0.6667, "specificity": 0.7818},
+    }}
+    card = render_model_card(_run(tmp_path, metrics={"val": val, "test": test}))
+    assert "| mel sensitivity / specificity at the val threshold for specificity 0.8 | 0.8900 / 0.8000 | 0.6667 / 0.7818 |" in card
+    assert "sensitivity / specificity at the val threshold" not in render_model_card(_run(_mkdir(tmp_path / "plain")))
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path

@@ -109,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if metrics.get("present_classes"):
         print(present_classes_line(metrics["present_classes"]))
+    if metrics.get("at_fitted_thresholds"):
+        print(fitted_thresholds_line(metrics["at_fitted_thresholds"]))
     if metrics.get("familiarity"):
         from dermlab.evaluation.familiarity import ShiftVerdict
 
@@ -119,6 +121,22 @@ def run(args: argparse.Namespace) -> int:
         print(LevelVerdict(**metrics["level_familiarity"]).describe())
     print(f"wrote {out / 'metrics.json'} and {out / 'predictions.csv'}")
     return 0
+
+
+def fitted_thresholds_line(scored: dict) -> str:
+    """One line on the target's operating points fitted on val, as these images meet them."""
+
+    def share(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    fitted_on = scored["fitted_on"]
+    points = "; ".join(
+        f"{name} ({fitted_on} threshold {point['threshold']:.4g}): sensitivity {share(point['sensitivity'])}, "
+        f"specificity {share(point['specificity'])} (on {fitted_on} {point[f'{fitted_on}_sensitivity']:.3f} / "
+        f"{point[f'{fitted_on}_specificity']:.3f})" for name, point in scored["points"].items()
+    )
+    return (f"{scored['class']} at the operating points fitted on {fitted_on}, on these {scored['positives']} "
+            f"{scored['class']} and {scored['negatives']} other images: {points}")
 
 
 def present_classes_line(present: dict) -> str:

@@ -35,6 +35,7 @@ from dermlab.evaluation.inference import (
 )
 from dermlab.evaluation.level_statistics import LevelStatistics, capture_levels, stack_levels
 from dermlab.evaluation.metrics import compute_metrics
+from dermlab.evaluation.operating_point import OperatingPoints, checkpoint_operating_points
 from dermlab.evaluation.plots import plot_confusion_matrix, plot_reliability_diagram, plot_roc_curves
 from dermlab.evaluation.present_classes import present_class_metrics
 from dermlab.evaluation.tta import average_probabilities, resolve_tta_views, view_logits
@@ -359,6 +360,7 @@ def evaluate_frame(
         features=features,
         statistics=statistics,
         levels=_level_view(loaded, frame, batch_size, num_workers),
+        operating_points=checkpoint_operating_points(loaded.extras, str(loaded.path)),
     )
 
 
@@ -393,6 +395,7 @@ def score_logits(
     features: np.ndarray | None = None,
     statistics: FeatureStatistics | None = None,
     levels: LevelView | None = None,
+    operating_points: OperatingPoints | None = None,
 ) -> dict[str, Any]:
     """Score view logits ``(V, N, C)`` (or ``(N, C)``) of labelled rows (see :func:`score_predictions`).
 
@@ -401,6 +404,9 @@ def score_logits(
     metrics ``familiarity`` (:meth:`FeatureStatistics.shift`: how unlike the training images they are). With
     ``levels``, predictions.csv gets each image's ``level_score`` and the metrics ``level_familiarity``
     (:meth:`LevelStatistics.verdict`: how many look unlike the training images at the backbone's feature levels).
+    With ``operating_points`` (the target class's thresholds fitted on val), the metrics hold
+    ``at_fitted_thresholds``: the sensitivity and specificity these images get at those thresholds
+    (:mod:`dermlab.evaluation.operating_point`), beside ``target``'s thresholds re-fitted on them.
 
     The headline metrics are those of the argmax rule; with a fitted ``decision`` the metrics also hold
     ``rules`` (accuracy, balanced accuracy, macro F1 and per-class recall of each rule, with intervals) and
@@ -428,6 +434,8 @@ def score_logits(
         extra["decision_rule"] = rule
         extra["rules"] = rule_metrics(y_true, probabilities, classes, decision, evaluation, groups)
     extra.update(_familiarity_columns(predictions, features, statistics, levels))
+    if operating_points is not None:
+        extra["at_fitted_thresholds"] = operating_points.score(y_true, probabilities, classes)
     if abstention is not None:
         rejected = decisions.uncertain
         predictions["uncertain"] = rejected

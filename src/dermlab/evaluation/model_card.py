@@ -207,6 +207,7 @@ def _performance_section(metrics: dict[str, Any], classes: Sequence[str]) -> str
             [f"{target['class']} sensitivity at specificity {_number(at.get('requested'), 2)}", *map(_number, sensitivities)]
         )
         rows.append([f"{target['class']} AUC", *(_number((splits[s].get("target") or {}).get("auc")) for s in names)])
+    rows += _fitted_threshold_rows(splits, names)
     lines += _markdown_table(["metric", *names], rows)
     per_class_split = "test" if "test" in splits else names[-1]
     per_class = splits[per_class_split].get("per_class") or {}
@@ -218,6 +219,29 @@ def _performance_section(metrics: dict[str, Any], classes: Sequence[str]) -> str
         ]
         lines += _markdown_table(["class", "precision", "recall", "F1", "AUC", "support"], rows)
     return "\n".join([*lines, ""])
+
+
+def _fitted_threshold_rows(splits: dict[str, Any], names: list[str]) -> list[list[str]]:
+    """Per operating point fitted on val, each split's target sensitivity / specificity at that val threshold (the
+    val column: the values it was fitted to); none when no split was scored at fitted thresholds."""
+    scored = {s: splits[s]["at_fitted_thresholds"] for s in names if isinstance(splits[s].get("at_fitted_thresholds"), dict)}
+    if not scored:
+        return []
+    first = next(iter(scored.values()))
+    fitted_on, target = first["fitted_on"], first["class"]
+    rows = []
+    for point in first["points"]:
+        def cell(split: str, point: str = point) -> str:
+            if split in scored and point in scored[split]["points"]:
+                at = scored[split]["points"][point]
+            elif split == fitted_on:
+                at = {k: first["points"][point][f"{fitted_on}_{k}"] for k in ("sensitivity", "specificity")}
+            else:
+                return "-"
+            return f"{_number(at['sensitivity'])} / {_number(at['specificity'])}"
+
+        rows.append([f"{target} sensitivity / specificity at the {fitted_on} threshold for {point}", *map(cell, names)])
+    return rows
 
 
 def _calibration_section(metrics: dict[str, Any], bins: int) -> str:

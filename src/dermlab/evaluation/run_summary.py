@@ -36,6 +36,7 @@ from dermlab.evaluation.familiarity import capture_pooled, fit_feature_statistic
 from dermlab.evaluation.inference import checkpoint_feature_statistics, checkpoint_level_statistics
 from dermlab.evaluation.level_statistics import capture_levels, feature_levels, fit_level_statistics, stack_levels
 from dermlab.evaluation.model_card import write_model_card
+from dermlab.evaluation.operating_point import OperatingPoints, checkpoint_operating_points
 from dermlab.evaluation.plots import plot_training_curves
 from dermlab.evaluation.report import write_report
 from dermlab.evaluation.tta import average_probabilities, fit_tta_temperature, resolve_tta_views
@@ -76,7 +77,8 @@ def summarise_run(
     rule = resolve_abstention(loaded)
     decision = checkpoint_decision(loaded.extras, str(loaded.path))
     summary: dict[str, Any] = {}
-    for split, part in rows.items():
+    points = checkpoint_operating_points(loaded.extras, str(loaded.path))  # until val fits them again
+    for split, part in sorted(rows.items(), key=lambda item: item[0] != "val"):  # val first: its thresholds travel
         summary[split] = score_logits(
             logits[split],
             part,
@@ -93,7 +95,11 @@ def summarise_run(
             levels=LevelView(level_statistics, fitted_levels.get(split)
                              or level_descriptors(loaded, part, batch_size=batch_size, num_workers=num_workers))
             if level_statistics is not None else None,
+            operating_points=points if split != "val" else None,
         )
+        if split == "val":
+            points = _store_operating_points(loaded, summary["val"].get("target"))
+    summary = {split: summary[split] for split in rows}  # the splits in the order asked
     summary.update(facts)
     if familiarity:
         summary["familiarity"] = familiarity
@@ -391,6 +397,17 @@ def _fit_on_val(
     if tta_facts:
         facts["tta_choice"] = tta_facts
     return facts
+
+
+def _store_operating_points(loaded: LoadedModel, target: dict[str, Any] | None) -> OperatingPoints | None:
+    """The val split's target thresholds, stored in the best checkpoint (``operating_points``) so that every later
+    evaluation reports what it gets at them; the stored entry is removed where val gives none."""
+    points = OperatingPoints.from_target_metrics(target, "val")
+    entry = points.to_dict() if points is not None else None
+    if entry is not None or loaded.extras.get("operating_points") is not None:
+        update_checkpoint_metadata(loaded.path, operating_points=entry)
+        loaded.extras["operating_points"] = entry
+    return points
 
 
 def _non_lesion_rejection(
