@@ -184,27 +184,27 @@ def _score_external(run: Path, method: str, args: argparse.Namespace) -> dict[st
 def _val_operating_points(run: Path, predictions: pd.DataFrame, target: str) -> dict[str, Any]:
     """The run's val operating points for ``target`` (``metrics.json``: its threshold on the target's probability for
     the fixed specificity and for the fixed sensitivity) applied to these images: the target's recall at each, and the
-    share of the other images it flags. Empty without a fitted operating point (a run without ``metrics.json``)."""
+    share of the other images it flags. Empty without a fitted operating point (a run without ``metrics.json``).
+    Read from metrics.json, not the checkpoint, so runs trained before checkpoints stored them are scored too."""
     import json
 
+    from dermlab.evaluation.operating_point import OperatingPoints
+
     path = run / "metrics.json"
-    fitted = ((json.loads(path.read_text()).get("val") or {}).get("target") or {}) if path.is_file() else {}
-    if fitted.get("class") != target:
+    fitted = (json.loads(path.read_text()).get("val") or {}).get("target") if path.is_file() else None
+    points = OperatingPoints.from_target_metrics(fitted, "val")
+    if points is None or points.target != target:
         return {}
-    score, positive = predictions[f"prob_{target}"].to_numpy(dtype=np.float64), (predictions["true"] == target).to_numpy()
-    points = {}
-    for key, fixed in (("sensitivity_at_specificity", "specificity"), ("specificity_at_sensitivity", "sensitivity")):
-        point = fitted.get(key) or {}
-        if point.get("threshold") is None:
-            continue
-        flagged = score >= float(point["threshold"])
-        points[f"val {fixed} {point['requested']:g}"] = {
-            "threshold": float(point["threshold"]),
-            "val_sensitivity": point.get("sensitivity"), "val_specificity": point.get("specificity"),
-            "recall": float(flagged[positive].mean()) if positive.any() else None,
-            "others_flagged": float(flagged[~positive].mean()) if (~positive).any() else None,
+    classes = [column.removeprefix("prob_") for column in predictions.columns if column.startswith("prob_")]
+    truth = [classes.index(label) for label in predictions["true"]]
+    scored = points.score(truth, predictions[[f"prob_{name}" for name in classes]].to_numpy(dtype=np.float64), classes)
+    return {
+        f"val {name}": {
+            "threshold": at["threshold"], "val_sensitivity": at["val_sensitivity"], "val_specificity": at["val_specificity"],
+            "recall": at["sensitivity"], "others_flagged": None if at["specificity"] is None else 1.0 - at["specificity"],
         }
-    return points
+        for name, at in scored["points"].items()
+    }
 
 
 def _restricted(predictions: pd.DataFrame, present: list[str]) -> dict[str, Any]:
