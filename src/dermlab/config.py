@@ -115,6 +115,10 @@ class ModelConfig:
     # (models.classifier);
     # never dx_type. Off = the image-only classifier.
     metadata_fusion: bool = False
+    # With metadata_fusion: in training, the share of images whose metadata is replaced by "all unknown", so the
+    # head learns to answer without it (models.classifier; otherwise "unknown" means what the training rows
+    # without metadata were). Ignored without metadata_fusion.
+    metadata_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.pretrained and self.weights:
@@ -128,6 +132,8 @@ class ModelConfig:
                 raise ConfigError(f"model.input_size must be [height, width] > 0, got {self.input_size}")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ConfigError(f"model.drop_rate must be in [0, 1), got {self.drop_rate}")
+        if not 0.0 <= self.metadata_dropout <= 1.0:
+            raise ConfigError(f"model.metadata_dropout must be in [0, 1], got {self.metadata_dropout}")
 
 
 @dataclass

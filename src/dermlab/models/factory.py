@@ -55,7 +55,8 @@ def create_model(config: ModelConfig, num_classes: int, *, load_weights: bool = 
     architecture = get_packaged_weights(config.name).architecture if packaged else config.name
     backbone = _create_backbone(architecture, pretrained=source is not None and source.kind == "hub")
     if config.metadata_fusion:
-        model: DermClassifier = MetadataFusionClassifier(backbone, num_classes, drop_rate=config.drop_rate)
+        model: DermClassifier = MetadataFusionClassifier(backbone, num_classes, drop_rate=config.drop_rate,
+                                                         metadata_dropout=config.metadata_dropout)
     else:
         model = DermClassifier(backbone, num_classes, drop_rate=config.drop_rate)
     if source is not None and source.kind == "file":

@@ -86,6 +86,11 @@ def check_combinations(config: Config) -> None:
         raise ConfigError(f"model.metadata_fusion does not work with mixing.method={config.mixing.method!r}; set mixing.method=none")
     if config.model.metadata_fusion and config.distill.method != "none":
         raise ConfigError(f"model.metadata_fusion does not work with distill.method={config.distill.method!r}; set distill.method=none")
+    if config.model.metadata_dropout > 0 and not config.model.metadata_fusion:
+        raise ConfigError(
+            f"model.metadata_dropout={config.model.metadata_dropout} withholds metadata from a head that reads none; "
+            "set model.metadata_fusion=true or model.metadata_dropout=0"
+        )
     train = config.train
     cached_probe_mixes = config.mixing.method != "none" and config.mixing.stage1 and train.cached_features and train.stage1_epochs > 0
     if cached_probe_mixes and config.mixing.method != "mixup":
