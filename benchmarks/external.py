@@ -19,6 +19,9 @@ share of the other classes present it flags). Then the
 in-distribution check: each method adapted on the run's own test images, and the change it makes to the test
 split's accuracy, balanced accuracy and macro AUC (it should be within noise). With several runs, each later run's
 as-trained figures minus each earlier run's on the same external images, with paired bootstrap intervals.
+``--withhold-metadata``: for each run whose head fuses age, sex and localization, its own test split scored with
+them and again with them withheld (every image "all unknown", as every external image is scored): how much of the
+external loss is the missing metadata rather than the change of source.
 A progress line goes to stderr before each measurement (the figures come at the end).
 ``--methods``: only these methods. ``--quick``: a random tiny model on synthetic images (smoke test).
 
@@ -55,6 +58,8 @@ def main() -> int:
     parser.add_argument("--tent-lr", type=float, default=1e-3, help="TENT Adam learning rate (default 1e-3)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="the methods to measure (default all; 'as trained' alone for a quick side-by-side of runs)")
+    parser.add_argument("--withhold-metadata", action="store_true",
+                        help="also score each metadata-fusion run's test split with its metadata withheld")
     args = parser.parse_args()
     if args.quick:
         args.runs, args.external = _quick_setup(args.work)
@@ -69,13 +74,17 @@ def main() -> int:
         for method in (m for m in args.methods if m != "as trained"):
             _progress(f"[{run.name}] {method}: adapting on its own test images (the in-distribution check)")
             checks[run.name][method] = _refused_or(lambda: _in_distribution_check(run, method, args))
+    withheld = {}
+    for run in args.runs if args.withhold_metadata else ():
+        _progress(f"[{run.name}] its test split with and without its metadata")
+        withheld[run.name] = _refused_or(lambda: _metadata_withheld(run))
     scored = [r for r in rows if "refused" not in r]
     target = scored[0]["target"] if scored else "target"
     paired = _paired_differences(rows)
     for row in rows:
         row.pop("_restricted", None)
     args.runs, args.external = [str(run) for run in args.runs], str(args.external)  # plain data for the JSON
-    write_results("external", args, {"rows": rows, "in_distribution": checks, "paired": paired})  # before printing: never lose the figures
+    write_results("external", args, {"rows": rows, "in_distribution": checks, "paired": paired, "metadata_withheld": withheld})  # before printing: never lose the figures
     print_table(
         f"external: {args.external} (softmax restricted to the classes present; 95% intervals over images)",
         [[r["run"], r["method"], "refused: " + r["refused"][:60], "", "", "", "", ""] if "refused" in r else
@@ -99,6 +108,15 @@ def main() -> int:
              [name, method, *(f"{c['before'][k]:.3f} -> {c['after'][k]:.3f} ({c['after'][k] - c['before'][k]:+.3f})" for k in ("accuracy", "balanced_accuracy", "auc_macro"))]
              for name, by_method in checks.items() for method, c in by_method.items()],
             ["run", "method", "accuracy", "balanced accuracy", "macro AUC"],
+        )
+    if withheld:
+        print_table(
+            "in distribution: the test split with its metadata -> with it withheld (every image all unknown)",
+            [[name, "refused: " + w["refused"][:60], "", "", ""] if "refused" in w else
+             [name, *(f"{w['with'][k]:.3f} -> {w['withheld'][k]:.3f} ({w['withheld'][k] - w['with'][k]:+.3f})"
+                      for k in ("accuracy", "balanced_accuracy", "auc_macro", "target_recall"))]
+             for name, w in withheld.items()],
+            ["run", "accuracy", "balanced accuracy", "macro AUC", f"{target} recall (run's rule)"],
         )
     if paired:
         print_table(
@@ -253,9 +271,38 @@ def _in_distribution_check(run: Path, method: str, args: argparse.Namespace) -> 
     return {"images": len(test), "before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys}}
 
 
+def _metadata_withheld(run: Path) -> dict[str, Any]:
+    """The run's test split scored with its metadata and with the metadata columns removed (all unknown): accuracy,
+    balanced accuracy, macro AUC and the target class's recall at the run's decision rule."""
+    from dermlab.data.metadata import METADATA_COLUMNS
+    from dermlab.data.run_data import prepare_run_data
+    from dermlab.errors import ConfigError
+    from dermlab.evaluation.evaluate import evaluate_frame
+    from dermlab.models.checkpoint import load_checkpoint
+    from dermlab.models.classifier import uses_metadata
+
+    loaded = load_checkpoint(run)
+    if not uses_metadata(loaded.model):
+        raise ConfigError(f"{run}: its model reads no metadata")
+    test = prepare_run_data(loaded.config, run).rows("test")
+    if not any(column in test for column in METADATA_COLUMNS):
+        raise ConfigError(f"{run}: its test split has no metadata to withhold")
+    scored = {}
+    with tempfile.TemporaryDirectory() as out:
+        for name, frame in (("with", test), ("withheld", test.drop(columns=[c for c in METADATA_COLUMNS if c in test]))):
+            metrics = evaluate_frame(loaded, frame, Path(out) / name)
+            target = (metrics.get("target") or {}).get("class") or metrics["classes"][0]
+            rule = metrics.get("decision_rule") or "argmax"
+            recall = ((metrics.get("rules") or {}).get(rule) or {}).get("recall") or {k: v["recall"] for k, v in metrics["per_class"].items()}
+            scored[name] = {"accuracy": metrics["accuracy"], "balanced_accuracy": metrics["balanced_accuracy"],
+                            "auc_macro": metrics["auc_macro"], "target_recall": float(recall[target]), "target": target, "rule": rule}
+    return {"images": len(test), **scored}
+
+
 def _quick_setup(work: Path) -> tuple[list[Path], Path]:
     """A random tiny model over a synthetic HAM10000-layout set (twice: ``run`` and its copy ``run-copy``, whose
-    paired difference must be exactly 0), and a two-class external folder of its test images."""
+    paired difference must be exactly 0), and a two-class external folder of its test images. The model fuses the
+    set's metadata, so ``--withhold-metadata`` has some to withhold."""
     import json
 
     import torch
@@ -270,7 +317,8 @@ def _quick_setup(work: Path) -> tuple[list[Path], Path]:
     shutil.rmtree(root, ignore_errors=True)
     run = root / "run"
     config = apply_overrides(Config(), [f"data.path={data}", "model.name=test_efficientnet", "model.weights=none",
-                                        "model.input_size=[32,32]", "data.duplicates=none", "evaluation.bootstrap_resamples=50"])
+                                        "model.input_size=[32,32]", "data.duplicates=none", "evaluation.bootstrap_resamples=50",
+                                        "model.metadata_fusion=true"])
     split = prepare_run_data(config, run)
     model = create_model(config.model, len(split.classes), load_weights=False)
     for layer in model.modules():  # as if trained with its BatchNorm statistics following the batches

@@ -26,7 +26,7 @@ BENCHMARKS = {
     "service": ["results", "ratios"],
     "accuracy": ["runs", "class_counts"],
     "clinical": ["runs", "targets", "paired"],
-    "external": ["rows", "in_distribution", "paired"],
+    "external": ["rows", "in_distribution", "paired", "metadata_withheld"],
     "familiarity": ["runs"],
     "robustness": ["runs", "reports", "tables"],
     "distillation": ["results", "experts", "timings_s"],
@@ -40,6 +40,7 @@ EXTRA_ARGS = {
     "clinical": ["--only", "peer-seed0", "default", "ref_b_baseline", "ref_b_cutmix", "ref_b_distill"],
     "robustness": ["--only", "default", "no_color_constancy"],
     "calibration_abstention": ["--fusion", "--fusion-seeds", "1"],
+    "external": ["--withhold-metadata"],
     # a server may need minutes to import and load beside another benchmark on a small machine
     "service": ["--start-timeout", "400"],
 }
@@ -108,6 +109,8 @@ def test_every_benchmark_runs_quick_and_writes_its_json(tmp_path: Path) -> None:
     assert (points["val sensitivity 0.8"]["recall"], points["val sensitivity 0.8"]["others_flagged"]) == (0.0, 0.0)
     assert set(external["in_distribution"]["run"]) == {"adabn", "tent", "prior"}
     assert set(external["in_distribution"]["run"]["adabn"]["after"]) == {"accuracy", "balanced_accuracy", "auc_macro"}
+    withheld = external["metadata_withheld"]["run"]  # the quick run fuses metadata: withholding it moves its answers
+    assert withheld["images"] > 0 and withheld["with"]["auc_macro"] != withheld["withheld"]["auc_macro"]
     familiarity = json.loads((tmp_path / "results" / "familiarity-quick.json").read_text())["runs"]["run"]
     assert set(familiarity["detection"]) == {
         "level statistics (mean z over feature levels)", "mahalanobis distance", "1 - max probability", "minus energy"

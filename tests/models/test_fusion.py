@@ -24,7 +24,7 @@ from dermlab.data.metadata import (
 )
 from dermlab.errors import ConfigError
 from dermlab.models.checkpoint import load_checkpoint, save_checkpoint
-from dermlab.models.classifier import MetadataFusionClassifier, uses_metadata
+from dermlab.models.classifier import MetadataFusionClassifier, unknown_metadata_caveat, uses_metadata, withhold_metadata
 from dermlab.models.factory import DermClassifier, create_model, resolve_preprocessing
 from dermlab.training.checks import check_combinations
 from dermlab.training.module import ClassifierModule
@@ -131,6 +131,51 @@ def test_unsupported_combinations_are_refused() -> None:
     with pytest.raises(ConfigError, match="mixing.method='mixup'"):
         check_combinations(apply_overrides(Config(), [*base, "mixing.method=mixup"]))
     check_combinations(apply_overrides(Config(), ["mixing.method=mixup"]))  # fusion off: nothing to refuse
+
+
+def _known_metadata(count: int) -> torch.Tensor:
+    ages = np.linspace(20.0, 80.0, count)
+    return encode_metadata(pd.DataFrame({"age": ages, "sex": ["male", "female"] * (count // 2), "localization": ["back"] * count}))
+
+
+def test_withheld_metadata_rows_are_whole_and_about_the_asked_share() -> None:
+    known = _known_metadata(2000)
+    torch.manual_seed(0)
+    withheld = withhold_metadata(known, 0.25)
+    unknown = (withheld == missing_metadata(1)).all(dim=1)
+    intact = (withheld == known).all(dim=1)
+    assert bool((unknown | intact).all())  # a row is either as given or all unknown, never a mix
+    assert 0.21 < float(unknown.float().mean()) < 0.29  # 2000 rows at 0.25, seeded: +-0.04 is about 4 sigma
+    assert torch.equal(withhold_metadata(known, 0.0), known)
+    assert bool((withhold_metadata(known, 1.0) == missing_metadata(2000)).all())
+
+
+def test_metadata_dropout_acts_in_training_only() -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(name="test_efficientnet", input_size=[32, 32], metadata_fusion=True, drop_rate=0.0, metadata_dropout=1.0)
+    model = create_model(config, 3, load_weights=False)
+    assert isinstance(model, MetadataFusionClassifier) and model.metadata_dropout == 1.0
+    pooled, known = torch.randn(4, model.num_features), _known_metadata(4)
+    with torch.no_grad():
+        informed, unknown = model.eval().forward_head(pooled, known), model.forward_head(pooled, None)
+        assert not torch.allclose(informed, unknown)
+        assert torch.allclose(model.train().forward_head(pooled, known), unknown)  # training: every row withheld
+        assert torch.allclose(model.eval().forward_head(pooled, known), informed)  # evaluation: metadata read
+
+
+def test_the_unknown_metadata_caveat_names_runs_trained_without_metadata_dropout() -> None:
+    assert "model.metadata_dropout=0.25" in unknown_metadata_caveat(_fusion_model())
+    withheld = create_model(ModelConfig(name="test_efficientnet", metadata_fusion=True, metadata_dropout=0.25), 3, load_weights=False)
+    assert unknown_metadata_caveat(withheld) == ""
+    assert unknown_metadata_caveat(create_model(ModelConfig(name="test_efficientnet"), 3, load_weights=False)) == ""
+
+
+def test_metadata_dropout_is_checked_and_refused_without_fusion() -> None:
+    with pytest.raises(ConfigError, match="metadata_dropout"):
+        ModelConfig(metadata_fusion=True, metadata_dropout=1.5)
+    with pytest.raises(ConfigError, match="metadata_fusion=true"):
+        check_combinations(apply_overrides(Config(), ["model.metadata_dropout=0.25"]))
+    check_combinations(apply_overrides(Config(), ["model.metadata_fusion=true", "model.metadata_dropout=0.25"]))
 
 
 @pytest.mark.slow

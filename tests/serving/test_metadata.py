@@ -41,6 +41,7 @@ def test_predict_with_and_without_metadata_differs_and_says_which(fusion_run_dir
     assert main(["predict", str(fusion_run_dir), *map(str, photos), "--out", str(plain)]) == 0
     err = capsys.readouterr().err
     assert "without --metadata" in err and "all three unknown" in err
+    assert "trained without model.metadata_dropout" in err  # this run's config leaves it at 0
     meta = _metadata_csv(tmp_path)
     assert main(["predict", str(fusion_run_dir), *map(str, photos), "--out", str(informed), "--metadata", str(meta)]) == 0
     out = capsys.readouterr().out

@@ -165,12 +165,12 @@ def present_classes_line(present: dict) -> str:
 def _note_missing_metadata(loaded: LoadedModel, rows: pd.DataFrame) -> None:
     """Say so when a metadata-fusion model is scored on images without age, sex and localization."""
     from dermlab.data.metadata import METADATA_COLUMNS
-    from dermlab.models.classifier import uses_metadata
+    from dermlab.models.classifier import unknown_metadata_caveat, uses_metadata
 
     if uses_metadata(loaded.model) and not any(column in rows for column in METADATA_COLUMNS):
         print(
             f"note: {loaded.model_id} fuses age, sex and localization with the image; this dataset has none of them, "
-            "so every image is scored with all three unknown"
+            f"so every image is scored with all three unknown{unknown_metadata_caveat(loaded.model)}"
         )
 
 

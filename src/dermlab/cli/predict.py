@@ -152,9 +152,13 @@ def _read_metadata(args: argparse.Namespace, predictor: Any) -> Any:
         predictor.refuse_metadata_unless_fused(True)
         return read_metadata_csv(args.metadata)
     if predictor.takes_metadata:
+        from dermlab.models.classifier import unknown_metadata_caveat
+
+        loaded = getattr(predictor, "loaded", None)  # the ONNX engine has no torch model to ask
+        caveat = unknown_metadata_caveat(loaded.model) if loaded is not None else ""
         print(
             f"note: {predictor.model_id} fuses age, sex and localization with the image; without --metadata FILE.csv "
-            "every image is predicted with all three unknown (column metadata = missing)",
+            f"every image is predicted with all three unknown (column metadata = missing){caveat}",
             file=sys.stderr,
         )
     return None
