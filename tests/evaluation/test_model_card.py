@@ -107,6 +107,11 @@ def test_fusion_runs_list_their_metadata_inputs(tmp_path: Path) -> None:
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     card = render_model_card(run)
     assert "age, sex and localization" in card and "(`dx_type`) is never used" in card
+    assert "Never withheld in training" in card
+    config["model"]["metadata_dropout"] = 0.25
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    card = render_model_card(run)
+    assert "Withheld from 25% of the training images" in card and "Never withheld" not in card
 
 
 def test_written_card_is_embedded_in_the_report(tmp_path: Path) -> None:

@@ -180,7 +180,15 @@ def _data_section(
         "temperature and the abstention thresholds were chosen on val; test was used for the figures below only."
     )
     if (config.get("model") or {}).get("metadata_fusion"):
-        lines.append("- **Metadata inputs:** age, sex and localization. The diagnosis method (`dx_type`) is never used.")
+        withheld = float((config.get("model") or {}).get("metadata_dropout") or 0.0)
+        lines.append(
+            "- **Metadata inputs:** age, sex and localization. The diagnosis method (`dx_type`) is never used. "
+            + (f"Withheld from {withheld:.0%} of the training images (`model.metadata_dropout`), so images sent without "
+               "metadata are answered as the model learned to answer without it."
+               if withheld > 0 else
+               "Never withheld in training (`model.metadata_dropout` 0): images sent without metadata are answered as "
+               "its few training images without metadata were labelled (on HAM10000 all nevi or keratoses).")
+        )
     order = [s for s in ("train", "val", "test") if s in set(splits["split"])]
     counts = pd.crosstab(splits["label"], splits["split"]).reindex(index=list(classes) or None, columns=order, fill_value=0)
     rows = [[label, *(int(v) for v in row), int(sum(row))] for label, row in zip(counts.index, counts.to_numpy())]
