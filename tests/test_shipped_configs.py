@@ -49,6 +49,9 @@ def test_every_grid_run_resolves_to_a_valid_config() -> None:
     assert (previous.model.color_constancy, previous.model.input_size) == (None, [144, 192])
     assert names["accuracy/default"].model.input_size == [168, 168]
     assert names["accuracy/old_default"].model.color_constancy is None and names["accuracy/reference_a"].model.color_constancy is None
+    # the default withholds a share of its metadata in training; the rows measured before it did not
+    assert names["accuracy/default"].model.metadata_fusion and names["accuracy/default"].model.metadata_dropout > 0
+    assert names["accuracy/no_metadata_dropout"].model.metadata_dropout == 0.0 == names["accuracy/previous_default"].model.metadata_dropout
     assert names["imbalance/cutmix_weighted_ce"].mixing.method == "cutmix"
     assert names["imbalance/cutmix_weighted_ce"].loss.name == "weighted_cross_entropy"
 
