@@ -193,6 +193,38 @@ def test_prior_adaptation_moves_only_the_head_bias_and_keeps_the_feature_statist
     assert "feature_statistics" in after.extras  # the features did not change
 
 
+def test_after_prior_adaptation_the_balanced_rule_takes_out_the_target_shares_and_decides_as_before(tmp_path: Path, capsys) -> None:
+    """The adapted posteriors carry the target's shares; a balanced rule (tau 1) still removing the training
+    shares would correct twice. With the target's shares it gives the source's balanced probabilities."""
+    from dermlab.cli import main
+    from dermlab.evaluation.decision import adjust_probabilities
+
+    source = _run(tmp_path / "run")
+    loaded = load_checkpoint(source)
+    save_checkpoint(source / "checkpoints" / "best.ckpt", loaded.model, loaded.config, CLASSES, loaded.preprocessing,
+                    temperature=1.5, decision={"tau": 1.0, "class_prior": [0.9, 0.1], "default": "argmax"})
+    images = _images(tmp_path / "target")
+    assert main(["adapt", str(source), str(images), "--out", str(tmp_path / "adapted"), "--method", "prior", "--batch-size", "3"]) == 0
+    before, after = load_checkpoint(source), load_checkpoint(tmp_path / "adapted")
+    target = json.loads((tmp_path / "adapted" / "lineage.json").read_text())["target_prior"]
+    assert f"estimated class mix of these images (EM): nv {target[0]:.3f}, mel {target[1]:.3f}" in capsys.readouterr().out
+    assert after.extras["decision"]["class_prior"] == pytest.approx(target)
+    assert abs(target[0] - 0.9) > 0.01  # EM did move the shares, so the check below can fail
+    inputs = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        probabilities = {name: torch.softmax(run.model.eval()(inputs) / 1.5, dim=-1).numpy() for name, run in (("before", before), ("after", after))}
+    balanced = {name: adjust_probabilities(probabilities[name], 1.0, run.extras["decision"]["class_prior"]) for name, run in (("before", before), ("after", after))}
+    assert np.abs(probabilities["after"] - probabilities["before"]).max() > 1e-3  # the argmax probabilities moved
+    np.testing.assert_allclose(balanced["after"], balanced["before"], atol=1e-5)
+    # predict --adapt prior: the same adaptation for one batch, and it says what mix it found
+    import pandas as pd
+
+    assert main(["predict", str(source), str(images), "--adapt", "prior", "--out", str(tmp_path / "once.csv")]) == 0
+    assert f"estimated class mix of these images (EM): nv {target[0]:.3f}, mel {target[1]:.3f}" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "adapted"), str(images), "--out", str(tmp_path / "run.csv")]) == 0
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "once.csv")["prob_mel"], pd.read_csv(tmp_path / "run.csv")["prob_mel"], atol=1e-5)
+
+
 def test_prior_adaptation_needs_the_training_class_shares(tmp_path: Path) -> None:
     source = _run(tmp_path / "run")  # no fitted decision rule
     with pytest.raises(ConfigError, match="training class shares"):

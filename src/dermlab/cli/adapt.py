@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "probabilities and shift the head's bias to it (prior: for a clinic that sees, say, more melanomas). "
         "No label is read: class sub-folders are only folders. RUN2 is an "
         "ordinary run folder (evaluate, predict, serve and export use it) whose lineage.json and checkpoint say "
-        "what it was adapted on; the source's temperature, abstention and decision rules are kept.",
+        "what it was adapted on; the source's temperature, abstention and decision rules are kept (after prior the "
+        "balanced rule takes out the estimated class mix instead of the training one).",
     )
     parser.add_argument("run", metavar="RUN", help="run folder or checkpoint to adapt")
     parser.add_argument("images", nargs="+", metavar="IMAGES", help="image files or folders (searched recursively)")
@@ -43,5 +44,8 @@ def run(args: argparse.Namespace) -> int:
         options.update(epochs=args.epochs, lr=args.lr)
     adapted = adapt_run(args.run, args.images, args.out, method=args.method, **options)
     print(f"adapted {args.run} with {adapted.method} on {adapted.images} unlabelled images -> {adapted.out}")
+    if "target_prior" in adapted.details:
+        shares = ", ".join(f"{name} {share:.3f}" for name, share in zip(adapted.classes, adapted.details["target_prior"]))
+        print(f"estimated class mix of these images (EM): {shares}")
     print(f"score it with: dermlab evaluate {adapted.out} --data DATA")
     return 0

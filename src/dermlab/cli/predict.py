@@ -165,7 +165,7 @@ def _read_metadata(args: argparse.Namespace, predictor: Any) -> Any:
 
 
 def _adapted_predictor(args: argparse.Namespace, paths: list[Path]) -> Any:
-    """``--adapt``: the run's model adapted (AdaBN / TENT) on the images to predict, held in memory only."""
+    """``--adapt``: the run's model adapted (AdaBN, TENT or prior) on the images to predict, held in memory only."""
     from dermlab.errors import ConfigError
     from dermlab.models.checkpoint import load_checkpoint
     from dermlab.serving.predictor import Predictor
@@ -180,6 +180,9 @@ def _adapted_predictor(args: argparse.Namespace, paths: list[Path]) -> Any:
     loaded = load_checkpoint(args.run)
     details = adapt_model(loaded, paths, args.adapt, batch_size=max(2, args.batch_size))
     print(f"adapted with {args.adapt} on the {details['images_seen']} images given, for this prediction only", file=sys.stderr)
+    if "target_prior" in details:
+        shares = ", ".join(f"{name} {share:.3f}" for name, share in zip(loaded.classes, details["target_prior"]))
+        print(f"estimated class mix of these images (EM): {shares}", file=sys.stderr)
     return Predictor(loaded, batch_size=args.batch_size, **behaviour_options(args))
 
 

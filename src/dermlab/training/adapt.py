@@ -10,7 +10,9 @@ Methods (:data:`ADAPTATION_METHODS`):
 - ``prior`` (Saerens et al. 2002): for a change of the class mix (another clinic sees more melanomas), the
   target's class shares are estimated by EM from the run's calibrated probabilities (its TTA views and
   temperature) and the head's bias moves by ``temperature * log(target share / training share)``; the network's
-  features, and so its feature statistics and rankings within a pair of classes, do not change.
+  features, and so its feature statistics and rankings within a pair of classes, do not change. The decision
+  rule's class shares become the target's, so the balanced rule (``log p - tau * log shares``) removes the shares
+  the adapted posteriors now carry: with ``tau = 1`` it decides exactly as before adapting.
 
 The result is an ordinary run folder: ``config.yaml``, ``classes.json`` and ``splits.csv`` of the source run,
 ``checkpoints/best.ckpt`` with the adapted weights and the source's temperature, abstention, decision rule and
@@ -54,6 +56,7 @@ class AdaptedRun:
     method: str
     images: int
     details: dict[str, Any]
+    classes: tuple[str, ...] = ()
 
 
 def list_images(inputs: Sequence[str | Path]) -> list[Path]:
@@ -243,6 +246,10 @@ def adapt_model(loaded: LoadedModel, paths: Sequence[Path], method: str = "adabn
         yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, num_workers=num_workers)
 
     details = adapt(model, batches, **options)
+    if "target_prior" in details and decision:
+        # the adapted posteriors carry the target's shares, so the balanced rule must take those out, not the
+        # training shares: with the training shares it would correct for the class mix twice
+        loaded.extras["decision"] = {**decision, "class_prior": list(details["target_prior"])}
     model.eval()
     return details
 
@@ -274,4 +281,4 @@ def adapt_run(run: str | Path, images: Sequence[str | Path], out: str | Path, me
     save_checkpoint(out / "checkpoints" / "best.ckpt", loaded.model, loaded.config, loaded.classes, loaded.preprocessing,
                     **extras, adaptation=adaptation)
     atomic_write_json(out / "lineage.json", {"made_with": "dermlab adapt", **adaptation})
-    return AdaptedRun(out, method, len(paths), details)
+    return AdaptedRun(out, method, len(paths), details, tuple(loaded.classes))
