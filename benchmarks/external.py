@@ -8,7 +8,8 @@ For every ``--runs`` run, on the ``--external`` folder (its labels read only to 
 - ``as trained``: the run's own behaviour (TTA views, temperature, decision rules, abstention);
 - ``adabn`` / ``tent`` / ``prior``: the run adapted on the folder's unlabelled images (``dermlab adapt``'s code),
   scored the same; a method ``dermlab adapt`` refuses for the run (adabn and tent on BatchNorm statistics that
-  never trained) gets its one-line reason instead of figures.
+  never trained) gets its one-line reason instead of figures; after ``prior``, the class mix EM estimated for
+  the folder beside its true mix.
 
 Each row: the softmax restricted to the classes present (accuracy, balanced accuracy, AUC of the target class
 against the others present, with 95% bootstrap intervals over images), the target class's recall at the run's
@@ -101,6 +102,14 @@ def main() -> int:
               _share(p["recall"]), _share(p["others_flagged"])] for r, name, p in points],
             ["run", "method", "operating point", "threshold", "val sensitivity / specificity", f"external {target} recall", "others flagged"],
         )
+    mixes = [r for r in rows if r.get("class_mix")]
+    if mixes:
+        print_table(
+            "prior: the class mix EM estimated for the external images (all the run's classes), beside the true mix",
+            [[r["run"], *(f"{r['class_mix']['estimated'][name]:.3f} ({r['class_mix']['true'][name]:.3f})" for name in r["class_mix"]["true"]),
+              f"{r['class_mix']['estimated_present']:.3f}"] for r in mixes],
+            ["run", *(f"{name} estimated (true)" for name in mixes[0]["class_mix"]["true"]), "classes present, estimated"],
+        )
     if any(checks.values()):
         print_table(
             "in distribution: each method adapted on the run's own test images, test split before -> after",
@@ -152,15 +161,25 @@ def _cell(row: dict[str, Any], key: str) -> str:
     return f"{row[key]:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
 
-def _adapted(run: Path, method: str, images: list[Path], args: argparse.Namespace) -> Any:
+def _adapted(run: Path, method: str, images: list[Path], args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The run loaded, adapted by ``method`` on ``images`` (none for ``as trained``), and what adapting reported."""
     from dermlab.models.checkpoint import load_checkpoint
     from dermlab.training.adapt import adapt_model
 
-    loaded = load_checkpoint(run)
+    loaded, details = load_checkpoint(run), {}
     if method != "as trained":
         options = {"epochs": args.tent_epochs, "lr": args.tent_lr} if method == "tent" else {}
-        adapt_model(loaded, images, method, batch_size=args.batch_size, **options)
-    return loaded
+        details = adapt_model(loaded, images, method, batch_size=args.batch_size, **options)
+    return loaded, details
+
+
+def _estimated_mix(details: dict[str, Any], classes: list[str], present: list[str], true: pd.Series) -> dict[str, Any] | None:
+    """After ``prior``: the class mix EM estimated for the images, beside their true mix (labels only score)."""
+    if "target_prior" not in details:
+        return None
+    estimated = dict(zip(classes, details["target_prior"]))
+    return {"estimated": estimated, "estimated_present": sum(estimated[name] for name in present),
+            "true": {name: float((true == name).mean()) for name in present}}
 
 
 def _score_external(run: Path, method: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -168,7 +187,7 @@ def _score_external(run: Path, method: str, args: argparse.Namespace) -> dict[st
     from dermlab.evaluation.evaluate import evaluate_frame
     from dermlab.training.adapt import list_images
 
-    loaded = _adapted(run, method, list_images([args.external]), args)
+    loaded, details = _adapted(run, method, list_images([args.external]), args)
     table = load_dataset(args.external, replace(loaded.config.data, path=str(args.external), classes=loaded.classes))
     evaluation = replace(loaded.config.evaluation, bootstrap_resamples=1000)
     with tempfile.TemporaryDirectory() as out:
@@ -195,6 +214,7 @@ def _score_external(run: Path, method: str, args: argparse.Namespace) -> dict[st
         "uncertain": float((metrics.get("abstention") or {}).get("rejected", 0.0)),
         "images": int(metrics["n"]),
         "val_operating_points": _val_operating_points(run, predictions, target),
+        "class_mix": _estimated_mix(details, list(loaded.classes), present["classes"], predictions["true"]),
         "_restricted": _restricted(predictions, present["classes"]),  # for the paired differences; not written
     }
 
@@ -260,9 +280,9 @@ def _in_distribution_check(run: Path, method: str, args: argparse.Namespace) -> 
     from dermlab.data.run_data import prepare_run_data
     from dermlab.evaluation.evaluate import evaluate_frame
 
-    loaded = _adapted(run, "as trained", [], args)
+    loaded, _ = _adapted(run, "as trained", [], args)
     test = prepare_run_data(loaded.config, run).rows("test")
-    adapted = _adapted(run, method, [Path(p) for p in test["path"]], args)
+    adapted, _ = _adapted(run, method, [Path(p) for p in test["path"]], args)
     before_path = run / "eval" / "test" / "metrics.json"
     with tempfile.TemporaryDirectory() as out:
         before = json.loads(before_path.read_text()) if before_path.is_file() else evaluate_frame(loaded, test, Path(out) / "b")

@@ -107,6 +107,11 @@ def test_every_benchmark_runs_quick_and_writes_its_json(tmp_path: Path) -> None:
     points = external["rows"][0]["val_operating_points"]  # the quick run's thresholds: 0 flags every image, 1.5 none
     assert (points["val specificity 0.8"]["recall"], points["val specificity 0.8"]["others_flagged"]) == (1.0, 1.0)
     assert (points["val sensitivity 0.8"]["recall"], points["val sensitivity 0.8"]["others_flagged"]) == (0.0, 0.0)
+    mixes = {row["method"]: row["class_mix"] for row in external["rows"] if row["run"] == "run"}
+    assert mixes["as trained"] is None and mixes["adabn"] is None  # only prior estimates a class mix
+    assert sum(mixes["prior"]["estimated"].values()) == pytest.approx(1.0)
+    assert mixes["prior"]["estimated_present"] == pytest.approx(sum(mixes["prior"]["estimated"][name] for name in mixes["prior"]["true"]))
+    assert sum(mixes["prior"]["true"].values()) == pytest.approx(1.0)  # the true mix of the classes present
     assert set(external["in_distribution"]["run"]) == {"adabn", "tent", "prior"}
     assert set(external["in_distribution"]["run"]["adabn"]["after"]) == {"accuracy", "balanced_accuracy", "auc_macro"}
     withheld = external["metadata_withheld"]["run"]  # the quick run fuses metadata: withholding it moves its answers
