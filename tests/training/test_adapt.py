@@ -196,6 +196,8 @@ def test_prior_adaptation_moves_only_the_head_bias_and_keeps_the_feature_statist
 def test_after_prior_adaptation_the_balanced_rule_takes_out_the_target_shares_and_decides_as_before(tmp_path: Path, capsys) -> None:
     """The adapted posteriors carry the target's shares; a balanced rule (tau 1) still removing the training
     shares would correct twice. With the target's shares it gives the source's balanced probabilities."""
+    import pandas as pd
+
     from dermlab.cli import main
     from dermlab.evaluation.decision import adjust_probabilities
 
@@ -217,8 +219,6 @@ def test_after_prior_adaptation_the_balanced_rule_takes_out_the_target_shares_an
     assert np.abs(probabilities["after"] - probabilities["before"]).max() > 1e-3  # the argmax probabilities moved
     np.testing.assert_allclose(balanced["after"], balanced["before"], atol=1e-5)
     # predict --adapt prior: the same adaptation for one batch, and it says what mix it found
-    import pandas as pd
-
     assert main(["predict", str(source), str(images), "--adapt", "prior", "--out", str(tmp_path / "once.csv")]) == 0
     assert f"estimated class mix of these images (EM): nv {target[0]:.3f}, mel {target[1]:.3f}" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "adapted"), str(images), "--out", str(tmp_path / "run.csv")]) == 0
