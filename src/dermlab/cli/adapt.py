@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dermlab.errors import ConfigError
-    from dermlab.training.adapt import ADAPTATION_METHODS, adapt_run
+    from dermlab.training.adapt import ADAPTATION_METHODS, adapt_run, class_mix_line
 
     if args.method not in ADAPTATION_METHODS:
         raise ConfigError(f"--method {args.method!r}: valid methods are {', '.join(ADAPTATION_METHODS.list())}")
@@ -44,8 +44,7 @@ def run(args: argparse.Namespace) -> int:
         options.update(epochs=args.epochs, lr=args.lr)
     adapted = adapt_run(args.run, args.images, args.out, method=args.method, **options)
     print(f"adapted {args.run} with {adapted.method} on {adapted.images} unlabelled images -> {adapted.out}")
-    if "target_prior" in adapted.details:
-        shares = ", ".join(f"{name} {share:.3f}" for name, share in zip(adapted.classes, adapted.details["target_prior"]))
-        print(f"estimated class mix of these images (EM): {shares}")
+    if mix := class_mix_line(adapted.classes, adapted.details):
+        print(mix)
     print(f"score it with: dermlab evaluate {adapted.out} --data DATA")
     return 0

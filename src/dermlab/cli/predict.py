@@ -169,7 +169,7 @@ def _adapted_predictor(args: argparse.Namespace, paths: list[Path]) -> Any:
     from dermlab.errors import ConfigError
     from dermlab.models.checkpoint import load_checkpoint
     from dermlab.serving.predictor import Predictor
-    from dermlab.training.adapt import ADAPTATION_METHODS, adapt_model
+    from dermlab.training.adapt import ADAPTATION_METHODS, adapt_model, class_mix_line
 
     if args.engine != "torch":
         raise ConfigError("--adapt changes the torch network's BatchNorm layers; it does not work with --engine onnx")
@@ -180,9 +180,8 @@ def _adapted_predictor(args: argparse.Namespace, paths: list[Path]) -> Any:
     loaded = load_checkpoint(args.run)
     details = adapt_model(loaded, paths, args.adapt, batch_size=max(2, args.batch_size))
     print(f"adapted with {args.adapt} on the {details['images_seen']} images given, for this prediction only", file=sys.stderr)
-    if "target_prior" in details:
-        shares = ", ".join(f"{name} {share:.3f}" for name, share in zip(loaded.classes, details["target_prior"]))
-        print(f"estimated class mix of these images (EM): {shares}", file=sys.stderr)
+    if mix := class_mix_line(loaded.classes, details):
+        print(mix, file=sys.stderr)
     return Predictor(loaded, batch_size=args.batch_size, **behaviour_options(args))
 
 

@@ -44,7 +44,7 @@ from dermlab.io import atomic_write_json
 from dermlab.models.checkpoint import LoadedModel, load_checkpoint, run_dir_of, save_checkpoint
 from dermlab.registry import Registry
 
-__all__ = ["ADAPTATION_METHODS", "AdaptedRun", "adapt_model", "adapt_run", "em_class_shares", "list_images"]
+__all__ = ["ADAPTATION_METHODS", "AdaptedRun", "adapt_model", "adapt_run", "class_mix_line", "em_class_shares", "list_images"]
 
 Batches = Callable[[], Iterator[torch.Tensor]]
 ADAPTATION_METHODS: Registry[Callable[..., dict[str, Any]]] = Registry("adaptation method")
@@ -196,6 +196,15 @@ def em_class_shares(probabilities: torch.Tensor, prior: torch.Tensor, iterations
         if converged:
             return shares, step
     return shares, iterations
+
+
+def class_mix_line(classes: Sequence[str], details: dict[str, Any]) -> str | None:
+    """The console line of the class mix ``prior`` estimated (``details`` from :func:`adapt_model`); None for the
+    methods that estimate none."""
+    if "target_prior" not in details:
+        return None
+    shares = ", ".join(f"{name} {share:.3f}" for name, share in zip(classes, details["target_prior"]))
+    return f"estimated class mix of these images (EM): {shares}"
 
 
 def _refuse_untrained_statistics(loaded: LoadedModel, method: str) -> None:
