@@ -238,3 +238,64 @@ def test_adabn_and_tent_are_refused_for_a_network_whose_batchnorm_statistics_nev
         with pytest.raises(ConfigError, match="never trained"):
             adapt_run(source, [_images(tmp_path / "target")], tmp_path / method, method=method, batch_size=3)
         assert not (tmp_path / method).exists()
+
+
+def _fusion_run(root: Path) -> Path:
+    """A tiny metadata-fusion run with a fitted decision rule (prior needs its training shares)."""
+    torch.manual_seed(0)
+    config = Config(model=ModelConfig(name="test_efficientnet", weights="none", input_size=[32, 32], metadata_fusion=True))
+    model = create_model(config.model, len(CLASSES), load_weights=False)
+    with torch.no_grad():  # a head that leans on the metadata: with it, p(mel) falls with age around the prior
+        model.head.weight[:, model.num_features:] *= 300.0
+        model.head.bias.copy_(1.5 * torch.log(torch.tensor([0.9, 0.1])) - torch.tensor([0.0, 5.5]))
+    save_checkpoint(root / "checkpoints" / "best.ckpt", model, config, CLASSES, resolve_preprocessing(model, config.model),
+                    temperature=1.5, decision={"tau": 1.0, "class_prior": [0.9, 0.1], "default": "argmax"})
+    (root / "splits.csv").write_text("image_id,split\na,train\n")
+    return root
+
+
+def test_prior_adaptation_of_a_fusion_model_estimates_the_mix_from_its_answers_with_the_metadata(tmp_path: Path, capsys) -> None:
+    import pandas as pd
+
+    from dermlab.cli import main
+    from dermlab.data.metadata import encode_patient_metadata, read_metadata_csv
+    from dermlab.data.transforms import create_transform
+    from dermlab.evaluation.tta import view_logits
+    from dermlab.training.adapt import em_class_shares
+
+    source = _fusion_run(tmp_path / "run")
+    images = _images(tmp_path / "target")
+    csv = tmp_path / "meta.csv"
+    csv.write_text("image_id,age,sex,localization\n" + "".join(f"{i},{20 + 12 * i},{'male' if i % 2 else 'female'},back\n" for i in range(5)))
+    assert main(["adapt", str(source), str(images), "--out", str(tmp_path / "with"), "--method", "prior",
+                 "--batch-size", "3", "--metadata", str(csv)]) == 0
+    adapt_run(source, [images], tmp_path / "without", method="prior", batch_size=3)
+    lineage = {name: json.loads((tmp_path / name / "lineage.json").read_text()) for name in ("with", "without")}
+    assert lineage["with"]["images_with_metadata"] == 5 and "images_with_metadata" not in lineage["without"]
+    # the estimate is EM over the posteriors the model gives with each image's metadata (image 5 has no row: unknown)
+    loaded = load_checkpoint(source)
+    paths = list_images([images])
+    records = read_metadata_csv(csv)
+    transform = create_transform("none", loaded.preprocessing, train=False)
+    batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    encoded = encode_patient_metadata([records.get(p.stem) for p in paths])
+    views = tuple(loaded.extras.get("tta_views") or loaded.config.evaluation.tta or ("identity",))
+    with torch.no_grad():
+        logits = view_logits(lambda x: loaded.model.eval()(x, encoded), batch, views).double()
+    expected, _ = em_class_shares(torch.softmax(logits / 1.5, dim=-1).mean(dim=0), torch.tensor([0.9, 0.1], dtype=torch.float64))
+    np.testing.assert_allclose(lineage["with"]["target_prior"], expected.numpy(), atol=1e-5)
+    assert abs(lineage["with"]["target_prior"][1] - lineage["without"]["target_prior"][1]) > 0.01  # the metadata mattered
+    # predict --adapt prior --metadata adapts on the same answers as dermlab adapt --metadata
+    capsys.readouterr()
+    assert main(["predict", str(source), str(images), "--adapt", "prior", "--metadata", str(csv), "--out", str(tmp_path / "once.csv")]) == 0
+    assert main(["predict", str(tmp_path / "with"), str(images), "--metadata", str(csv), "--out", str(tmp_path / "run.csv")]) == 0
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "once.csv")["prob_mel"], pd.read_csv(tmp_path / "run.csv")["prob_mel"], atol=1e-5)
+
+
+def test_metadata_for_a_model_that_takes_none_is_refused_not_dropped(tmp_path: Path) -> None:
+    from dermlab.data.metadata import PatientMetadata
+
+    source = _run(tmp_path / "run")
+    with pytest.raises(ConfigError, match="takes no metadata"):
+        adapt_run(source, [_images(tmp_path / "target")], tmp_path / "adapted", metadata={"0": PatientMetadata(age=50.0)})
+    assert not (tmp_path / "adapted").exists()

@@ -28,6 +28,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=int, default=1, help="tent: passes over the images (default 1)")
     parser.add_argument("--lr", type=float, default=1e-3, help="tent: Adam learning rate (default 1e-3)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    parser.add_argument(
+        "--metadata", metavar="FILE.csv",
+        help="CSV with image_id and age, sex, localization (or site) for a metadata-fusion model, so it adapts on the "
+        "answers it gives with them (as predict --metadata); without it every image is all unknown",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -42,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     options = {"batch_size": args.batch_size}
     if args.method == "tent":
         options.update(epochs=args.epochs, lr=args.lr)
+    if args.metadata:
+        from dermlab.data.metadata import read_metadata_csv
+
+        options["metadata"] = read_metadata_csv(args.metadata)
     adapted = adapt_run(args.run, args.images, args.out, method=args.method, **options)
     print(f"adapted {args.run} with {adapted.method} on {adapted.images} unlabelled images -> {adapted.out}")
     if mix := class_mix_line(adapted.classes, adapted.details):

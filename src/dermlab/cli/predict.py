@@ -13,7 +13,7 @@ from dermlab.cli._common import add_behaviour_arguments, behaviour_options
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["register", "run", "expand_image_paths"]
+__all__ = ["expand_image_paths", "register", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--adapt", metavar="METHOD",
         help="first adapt the model to these very images, without labels: adabn, tent or prior (see dermlab adapt, which "
-        "keeps the adapted run); for this prediction only, torch engine",
+        "keeps the adapted run); for this prediction only, torch engine; a metadata-fusion model adapts on its answers "
+        "with --metadata when it is given",
     )
     parser.set_defaults(handler=run)
 
@@ -169,7 +170,7 @@ def _adapted_predictor(args: argparse.Namespace, paths: list[Path]) -> Any:
     from dermlab.errors import ConfigError
     from dermlab.models.checkpoint import load_checkpoint
     from dermlab.serving.predictor import Predictor
-    from dermlab.training.adapt import ADAPTATION_METHODS, adapt_model, class_mix_line
+    from dermlab.training.adapt import ADAPTATION_METHODS, adapt_model, class_mix_line, metadata_rows
 
     if args.engine != "torch":
         raise ConfigError("--adapt changes the torch network's BatchNorm layers; it does not work with --engine onnx")
@@ -178,7 +179,12 @@ def _adapted_predictor(args: argparse.Namespace, paths: list[Path]) -> Any:
     if len(paths) < 2:
         raise ConfigError("--adapt needs at least 2 images (BatchNorm statistics of one image are not statistics)")
     loaded = load_checkpoint(args.run)
-    details = adapt_model(loaded, paths, args.adapt, batch_size=max(2, args.batch_size))
+    metadata = None
+    if args.metadata:  # adapt on the answers the model will give: with the metadata it is given
+        from dermlab.data.metadata import read_metadata_csv
+
+        metadata = metadata_rows(paths, read_metadata_csv(args.metadata))
+    details = adapt_model(loaded, paths, args.adapt, batch_size=max(2, args.batch_size), metadata=metadata)
     print(f"adapted with {args.adapt} on the {details['images_seen']} images given, for this prediction only", file=sys.stderr)
     if mix := class_mix_line(loaded.classes, details):
         print(mix, file=sys.stderr)

@@ -19,15 +19,18 @@ The result is an ordinary run folder: ``config.yaml``, ``classes.json`` and ``sp
 TTA views (after ``adabn`` or ``tent`` not its feature statistics, which describe the source network's features:
 the adapted run gives no familiarity warning, and a run whose abstention rule uses ``mahalanobis`` is refused),
 and ``lineage.json`` (source run, method, how many target images, their digest). Labels are never
-read: a folder of class sub-folders is just a folder of images here.
+read: a folder of class sub-folders is just a folder of images here. A metadata-fusion model adapts on the answers
+it gives with each image's age, sex and site when they are given (``metadata``), as it will be scored and used;
+without them every image is all unknown.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +39,21 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dermlab.data.images import IMAGE_EXTENSIONS, read_image
+from dermlab.data.metadata import METADATA_WIDTH, PatientMetadata, encode_patient_metadata
 from dermlab.data.transforms import create_transform
 from dermlab.errors import ConfigError, DataError
 from dermlab.evaluation.abstention import needs_features, needs_levels
 from dermlab.evaluation.inference import checkpoint_temperature
 from dermlab.io import atomic_write_json
 from dermlab.models.checkpoint import LoadedModel, load_checkpoint, run_dir_of, save_checkpoint
+from dermlab.models.classifier import uses_metadata
 from dermlab.registry import Registry
 
-__all__ = ["ADAPTATION_METHODS", "AdaptedRun", "adapt_model", "adapt_run", "class_mix_line", "em_class_shares", "list_images"]
+__all__ = ["ADAPTATION_METHODS", "AdaptedRun", "adapt_model", "adapt_run", "class_mix_line", "em_class_shares", "list_images",
+           "metadata_rows"]
 
-Batches = Callable[[], Iterator[torch.Tensor]]
+Batch = tuple[torch.Tensor, "torch.Tensor | None"]  # images, and their encoded metadata for a fusion model
+Batches = Callable[[], Iterator[Batch]]
 ADAPTATION_METHODS: Registry[Callable[..., dict[str, Any]]] = Registry("adaptation method")
 
 
@@ -73,14 +80,25 @@ def list_images(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 class _Images(Dataset):
-    def __init__(self, paths: Sequence[Path], transform: Any) -> None:
+    def __init__(self, paths: Sequence[Path], transform: Any, metadata: torch.Tensor | None = None) -> None:
         self.paths, self.transform = list(paths), transform
+        self.metadata = metadata if metadata is not None else torch.empty(len(self.paths), 0)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(read_image(self.paths[index]))
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(read_image(self.paths[index])), self.metadata[index]
+
+
+def _outputs(model: nn.Module, images: torch.Tensor, metadata: torch.Tensor | None) -> torch.Tensor:
+    return model(images) if metadata is None else model(images, metadata)
+
+
+def metadata_rows(paths: Sequence[Path], records: Mapping[str, PatientMetadata]) -> torch.Tensor:
+    """The encoded metadata of each of ``paths`` (looked up by image id, the file name without its suffix; an image
+    without a record is all unknown), for :func:`adapt_model`'s ``metadata``."""
+    return encode_patient_metadata([records.get(Path(path).stem) for path in paths])
 
 
 def _batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -102,8 +120,8 @@ def _adabn(model: nn.Module, batches: Batches, **_: Any) -> dict[str, Any]:
         layer.train()
     seen = 0
     with torch.no_grad():
-        for images in batches():
-            model(images)
+        for images, metadata in batches():
+            _outputs(model, images, metadata)
             seen += images.shape[0]
     for layer, momentum in zip(layers, momenta):
         layer.momentum = momentum
@@ -129,10 +147,10 @@ def _tent(model: nn.Module, batches: Batches, *, epochs: int = 1, lr: float = 1e
         layer.train()  # normalise with the batch's own statistics
     entropies = []
     for _epoch in range(epochs):
-        for images in batches():
+        for images, metadata in batches():
             if images.shape[0] < 2:
                 continue  # batch statistics of one image are not statistics
-            log_probabilities = torch.log_softmax(model(images).float(), dim=1)
+            log_probabilities = torch.log_softmax(_outputs(model, images, metadata).float(), dim=1)
             entropy = -(log_probabilities.exp() * log_probabilities).sum(dim=1).mean()
             optimizer.zero_grad()
             entropy.backward()
@@ -168,8 +186,10 @@ def _prior(
         raise ConfigError("prior needs a model with one linear head with a bias (not an ensemble)")
     model.eval()
     with torch.no_grad():
-        probabilities = torch.cat([torch.softmax(view_logits(model, images, views).double() / temperature, dim=-1).mean(dim=0)
-                                   for images in batches()])
+        probabilities = torch.cat([
+            torch.softmax(view_logits(partial(_outputs, model, metadata=metadata), images, views).double() / temperature, dim=-1).mean(dim=0)
+            for images, metadata in batches()
+        ])
     source = torch.as_tensor(list(train_prior), dtype=torch.float64)
     if source.shape != (probabilities.shape[1],) or not bool((source > 0).all()):
         raise ConfigError(f"prior: the training class shares must be {probabilities.shape[1]} numbers > 0, got {list(train_prior)}")
@@ -226,11 +246,16 @@ def _changes_features(method: str) -> bool:
 
 
 def adapt_model(loaded: LoadedModel, paths: Sequence[Path], method: str = "adabn", *, batch_size: int = 32,
-                num_workers: int = 0, seed: int = 0, **options: Any) -> dict[str, Any]:
-    """Adapt ``loaded.model`` in place on the images at ``paths`` (see the module docstring)."""
+                num_workers: int = 0, seed: int = 0, metadata: torch.Tensor | None = None, **options: Any) -> dict[str, Any]:
+    """Adapt ``loaded.model`` in place on the images at ``paths`` (see the module docstring).
+
+    ``metadata``: for a metadata-fusion model, the encoded age, sex and site of each image (``(len(paths),
+    METADATA_WIDTH)``, :func:`metadata_rows`), so it adapts on the answers it will give with them; without it every
+    image is all unknown. Refused for a model that takes no metadata (it would be silently dropped)."""
     adapt = ADAPTATION_METHODS.get(method)
     if not paths:
         raise DataError("no images to adapt on")
+    metadata = _checked_metadata(loaded, metadata, len(paths))
     rule = loaded.extras.get("abstention") or {}
     scores = list(rule.get("thresholds") or {})
     if _changes_features(method) and (needs_features(scores) or needs_levels(scores)):
@@ -247,12 +272,13 @@ def adapt_model(loaded: LoadedModel, paths: Sequence[Path], method: str = "adabn
     options = {"temperature": checkpoint_temperature(loaded.extras, str(loaded.path)),
                "train_prior": decision.get("class_prior"),
                "views": tuple(loaded.extras.get("tta_views") or loaded.config.evaluation.tta or ("identity",)), **options}
-    dataset = _Images(paths, create_transform("none", loaded.preprocessing, train=False))
+    dataset = _Images(paths, create_transform("none", loaded.preprocessing, train=False), metadata)
     model = loaded.model
 
-    def batches() -> Iterator[torch.Tensor]:
+    def batches() -> Iterator[Batch]:
         generator = torch.Generator().manual_seed(seed)  # the same order on every pass
-        yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, num_workers=num_workers)
+        for images, rows in DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, num_workers=num_workers):
+            yield images, (rows if metadata is not None else None)
 
     details = adapt(model, batches, **options)
     if "target_prior" in details and decision:
@@ -263,6 +289,17 @@ def adapt_model(loaded: LoadedModel, paths: Sequence[Path], method: str = "adabn
     return details
 
 
+def _checked_metadata(loaded: LoadedModel, metadata: torch.Tensor | None, images: int) -> torch.Tensor | None:
+    if metadata is None:
+        return None
+    if not uses_metadata(loaded.model):
+        raise ConfigError(f"{loaded.path}: its model takes no metadata (trained without model.metadata_fusion); "
+                          "adapt without it, it would be silently dropped")
+    if tuple(metadata.shape) != (images, METADATA_WIDTH):
+        raise ConfigError(f"metadata for adapting must be {images} rows of {METADATA_WIDTH} encoded values, got {tuple(metadata.shape)}")
+    return metadata.float()
+
+
 def _digest(paths: Sequence[Path]) -> str:
     digest = hashlib.sha256()
     for path in sorted(paths, key=str):
@@ -271,21 +308,26 @@ def _digest(paths: Sequence[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def adapt_run(run: str | Path, images: Sequence[str | Path], out: str | Path, method: str = "adabn", **options: Any) -> AdaptedRun:
-    """Write the adapted copy of ``run`` into ``out`` (an ordinary run folder; see the module docstring)."""
+def adapt_run(run: str | Path, images: Sequence[str | Path], out: str | Path, method: str = "adabn", *,
+              metadata: Mapping[str, PatientMetadata] | None = None, **options: Any) -> AdaptedRun:
+    """Write the adapted copy of ``run`` into ``out`` (an ordinary run folder; see the module docstring).
+    ``metadata``: image id -> age, sex and site (:func:`dermlab.data.metadata.read_metadata_csv`) for a fusion model."""
     out = Path(out)
     if (out / "checkpoints").exists() or (out / "config.yaml").exists():
         raise ConfigError(f"{out}: this folder already holds a run; pick a new --out")
     source = run_dir_of(run)
     loaded = load_checkpoint(run)
     paths = list_images(images)
-    details = adapt_model(loaded, paths, method, **options)
+    encoded = metadata_rows(paths, metadata) if metadata is not None else None
+    details = adapt_model(loaded, paths, method, metadata=encoded, **options)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.yaml", "classes.json", "splits.csv"):
         if (source / name).is_file():
             shutil.copyfile(source / name, out / name)
     adaptation = {"method": method, "source": str(loaded.path), "images": len(paths), "images_digest": _digest(paths),
                   "inputs": [str(p) for p in images], **details}
+    if metadata is not None:
+        adaptation["images_with_metadata"] = sum(Path(p).stem in metadata for p in paths)
     extras = {key: value for key, value in loaded.extras.items() if key != "adaptation"}
     save_checkpoint(out / "checkpoints" / "best.ckpt", loaded.model, loaded.config, loaded.classes, loaded.preprocessing,
                     **extras, adaptation=adaptation)
