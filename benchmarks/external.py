@@ -17,12 +17,16 @@ own decision rule over all its classes, and the share the abstention rule marks 
 val operating points travel: the thresholds on the target's probability that gave specificity 0.8 and sensitivity
 0.8 on its own val split (``metrics.json``), applied to the external images (the target's recall there, and the
 share of the other classes present it flags). Then the
-in-distribution check: each method adapted on the run's own test images, and the change it makes to the test
-split's accuracy, balanced accuracy and macro AUC (it should be within noise). With several runs, each later run's
+in-distribution check: each method adapted on the run's own test images (with their metadata, as they are scored;
+before 2026-12-07 adapting read no metadata), and the change it makes to the test split's accuracy, balanced accuracy and macro AUC (it should be within noise). With several runs, each later run's
 as-trained figures minus each earlier run's on the same external images, with paired bootstrap intervals.
 ``--withhold-metadata``: for each run whose head fuses age, sex and localization, its own test split scored with
 them and again with them withheld (every image "all unknown", as every external image is scored): how much of the
 external loss is the missing metadata rather than the change of source.
+``--label-shift``: every method again on the run's own test images drawn (seeded, without replacement) to the
+external folder's class mix, metadata withheld: the external folder's class mix and missing metadata without its
+change of source, so the gap between the two rows is the change of source itself (the folder's labels set only the
+shares to draw).
 A progress line goes to stderr before each measurement (the figures come at the end).
 ``--methods``: only these methods. ``--quick``: a random tiny model on synthetic images (smoke test).
 
@@ -61,6 +65,9 @@ def main() -> int:
                         help="the methods to measure (default all; 'as trained' alone for a quick side-by-side of runs)")
     parser.add_argument("--withhold-metadata", action="store_true",
                         help="also score each metadata-fusion run's test split with its metadata withheld")
+    parser.add_argument("--label-shift", action="store_true",
+                        help="also score each method on the run's own test images drawn to the external folder's class mix "
+                             "(metadata withheld): the label shift alone, without the change of source")
     args = parser.parse_args()
     if args.quick:
         args.runs, args.external = _quick_setup(args.work)
@@ -70,30 +77,36 @@ def main() -> int:
     for run in args.runs:
         for method in args.methods:
             _progress(f"[{run.name}] {method}: scoring on {args.external}")
-            rows.append({"run": run.name, "method": method, **_refused_or(lambda: _score_external(run, method, args))})
+            rows.append({"run": run.name, "method": method, **_refused_or(_score_external, run, method, args)})
         checks[run.name] = {}
         for method in (m for m in args.methods if m != "as trained"):
             _progress(f"[{run.name}] {method}: adapting on its own test images (the in-distribution check)")
-            checks[run.name][method] = _refused_or(lambda: _in_distribution_check(run, method, args))
+            checks[run.name][method] = _refused_or(_in_distribution_check, run, method, args)
     withheld = {}
     for run in args.runs if args.withhold_metadata else ():
         _progress(f"[{run.name}] its test split with and without its metadata")
-        withheld[run.name] = _refused_or(lambda: _metadata_withheld(run))
+        withheld[run.name] = _refused_or(_metadata_withheld, run)
+    label_shift = []
+    for run in args.runs if args.label_shift else ():
+        for method in args.methods:
+            _progress(f"[{run.name}] {method}: its own test images drawn to the external class mix")
+            label_shift.append({"run": run.name, "method": method, **_refused_or(_label_shift_row, run, method, args)})
     scored = [r for r in rows if "refused" not in r]
     target = scored[0]["target"] if scored else "target"
     paired = _paired_differences(rows)
     for row in rows:
         row.pop("_restricted", None)
     args.runs, args.external = [str(run) for run in args.runs], str(args.external)  # plain data for the JSON
-    write_results("external", args, {"rows": rows, "in_distribution": checks, "paired": paired, "metadata_withheld": withheld})  # before printing: never lose the figures
-    print_table(
-        f"external: {args.external} (softmax restricted to the classes present; 95% intervals over images)",
-        [[r["run"], r["method"], "refused: " + r["refused"][:60], "", "", "", "", ""] if "refused" in r else
-         [r["run"], r["method"], _cell(r, "accuracy"), _cell(r, "balanced_accuracy"), _cell(r, "auc"),
-          f"{r['target_recall']:.3f} ({r['rule']})", "  ".join(f"{k} {v:.3f}" for k, v in r["target_recall_by_rule"].items()),
-          f"{r['uncertain']:.3f}"] for r in rows],
-        ["run", "method", "accuracy", "balanced acc", f"AUC {target} vs rest", f"{target} recall (run's rule)", "by rule", "uncertain"],
-    )
+    write_results("external", args, {"rows": rows, "in_distribution": checks, "paired": paired, "metadata_withheld": withheld,
+                                     "label_shift": label_shift})  # before printing: never lose the figures
+    header = ["run", "method", "accuracy", "balanced acc", f"AUC {target} vs rest", f"{target} recall (run's rule)", "by rule", "uncertain"]
+    print_table(f"external: {args.external} (softmax restricted to the classes present; 95% intervals over images)",
+                [_row_cells(r) for r in rows], header)
+    if label_shift:
+        drawn = next((r["drawn"] for r in label_shift if "drawn" in r), {})
+        print_table("label shift alone: the run's own test images drawn to the external class mix ("
+                    + ", ".join(f"{n} {name}" for name, n in drawn.items()) + "), metadata withheld",
+                    [_row_cells(r) for r in label_shift], header)
     points = [(r, name, p) for r in rows for name, p in (r.get("val_operating_points") or {}).items()]
     if points:
         print_table(
@@ -138,16 +151,24 @@ def main() -> int:
     return 0
 
 
+def _row_cells(r: dict[str, Any]) -> list[str]:
+    if "refused" in r:
+        return [r["run"], r["method"], "refused: " + r["refused"][:60], "", "", "", "", ""]
+    return [r["run"], r["method"], _cell(r, "accuracy"), _cell(r, "balanced_accuracy"), _cell(r, "auc"),
+            f"{r['target_recall']:.3f} ({r['rule']})", "  ".join(f"{k} {v:.3f}" for k, v in r["target_recall_by_rule"].items()),
+            f"{r['uncertain']:.3f}"]
+
+
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)  # flushed: a log file shows where a long run is
 
 
-def _refused_or(measure: Any) -> dict[str, Any]:
-    """``measure()``, or ``{"refused": reason}`` when dermlab refuses the combination (a ConfigError)."""
+def _refused_or(measure: Any, *arguments: Any) -> dict[str, Any]:
+    """``measure(*arguments)``, or ``{"refused": reason}`` when dermlab refuses the combination (a ConfigError)."""
     from dermlab.errors import ConfigError
 
     try:
-        return measure()
+        return measure(*arguments)
     except ConfigError as error:
         return {"refused": str(error).split(": ", 1)[-1]}
 
@@ -161,14 +182,20 @@ def _cell(row: dict[str, Any], key: str) -> str:
     return f"{row[key]:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
 
-def _adapted(run: Path, method: str, images: list[Path], args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    """The run loaded, adapted by ``method`` on ``images`` (none for ``as trained``), and what adapting reported."""
+def _adapted(run: Path, method: str, images: list[Path], args: argparse.Namespace,
+             frame: pd.DataFrame | None = None) -> tuple[Any, dict[str, Any]]:
+    """The run loaded, adapted by ``method`` on ``images`` (none for ``as trained``), and what adapting reported.
+    ``frame`` (the images' rows, in their order): a fusion model adapts with their metadata, as it is scored."""
+    from dermlab.data.metadata import encode_metadata
     from dermlab.models.checkpoint import load_checkpoint
+    from dermlab.models.classifier import uses_metadata
     from dermlab.training.adapt import adapt_model
 
     loaded, details = load_checkpoint(run), {}
     if method != "as trained":
         options = {"epochs": args.tent_epochs, "lr": args.tent_lr} if method == "tent" else {}
+        if frame is not None and uses_metadata(loaded.model):
+            options["metadata"] = encode_metadata(frame.reset_index(drop=True))
         details = adapt_model(loaded, images, method, batch_size=args.batch_size, **options)
     return loaded, details
 
@@ -182,16 +209,58 @@ def _estimated_mix(details: dict[str, Any], classes: list[str], present: list[st
             "true": {name: float((true == name).mean()) for name in present}}
 
 
-def _score_external(run: Path, method: str, args: argparse.Namespace) -> dict[str, Any]:
+def _external_table(loaded: Any, external: Path) -> pd.DataFrame:
+    """The external folder as a table of the run's classes (path, label; no metadata)."""
     from dermlab.data.datasets import load_dataset
-    from dermlab.evaluation.evaluate import evaluate_frame
+
+    return load_dataset(external, replace(loaded.config.data, path=str(external), classes=loaded.classes)).frame
+
+
+def _score_external(run: Path, method: str, args: argparse.Namespace) -> dict[str, Any]:
     from dermlab.training.adapt import list_images
 
     loaded, details = _adapted(run, method, list_images([args.external]), args)
-    table = load_dataset(args.external, replace(loaded.config.data, path=str(args.external), classes=loaded.classes))
+    return _score_frame(run, loaded, details, _external_table(loaded, args.external))
+
+
+def _drawn_to_mix(frame: pd.DataFrame, shares: dict[str, float], seed: int = 0) -> pd.DataFrame:
+    """Images of ``frame`` drawn without replacement (seeded) so that their class mix is ``shares``: as many images
+    as the scarcest class allows, every class at its share of them."""
+    counts = frame["label"].value_counts()
+    missing = [name for name in shares if counts.get(name, 0) == 0]
+    if missing:
+        raise ValueError(f"no images of {', '.join(missing)} to draw from")
+    total = min(counts[name] / share for name, share in shares.items() if share > 0)
+    parts = [frame[frame["label"] == name].sample(n=int(total * share + 1e-9), random_state=seed) for name, share in shares.items()]
+    return pd.concat(parts).reset_index(drop=True)
+
+
+def _label_shift_row(run: Path, method: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Label shift alone: the run's own test images drawn to the external folder's class mix (its labels only
+    set the shares), their metadata withheld as every external image's is, adapted (``method``) and scored as the
+    external folder is. What is left between this row and the external one is the change of source."""
+    from dermlab.data.metadata import METADATA_COLUMNS
+    from dermlab.data.run_data import prepare_run_data
+    from dermlab.models.checkpoint import load_checkpoint
+
+    source = load_checkpoint(run)
+    true = _external_table(source, args.external)["label"]
+    shares = {name: float(share) for name, share in true.value_counts(normalize=True).sort_index().items()}
+    test = prepare_run_data(source.config, run).rows("test")
+    drawn = _drawn_to_mix(test, shares).drop(columns=[c for c in METADATA_COLUMNS if c in test])
+    loaded, details = _adapted(run, method, [Path(p) for p in drawn["path"]], args, frame=drawn)
+    row = _score_frame(run, loaded, details, drawn)
+    row.pop("_restricted")
+    return {**row, "drawn": {name: int(n) for name, n in drawn["label"].value_counts().sort_index().items()}}
+
+
+def _score_frame(run: Path, loaded: Any, details: dict[str, Any], frame: pd.DataFrame) -> dict[str, Any]:
+    """The row of figures for ``loaded`` (the run as trained or adapted) on ``frame``'s images (labels only score)."""
+    from dermlab.evaluation.evaluate import evaluate_frame
+
     evaluation = replace(loaded.config.evaluation, bootstrap_resamples=1000)
     with tempfile.TemporaryDirectory() as out:
-        metrics = evaluate_frame(loaded, table.frame, Path(out), evaluation)
+        metrics = evaluate_frame(loaded, frame, Path(out), evaluation)
         predictions = pd.read_csv(Path(out) / "predictions.csv")
     present = metrics["present_classes"]
     restricted = present["restricted_softmax"]
@@ -282,7 +351,7 @@ def _in_distribution_check(run: Path, method: str, args: argparse.Namespace) -> 
 
     loaded, _ = _adapted(run, "as trained", [], args)
     test = prepare_run_data(loaded.config, run).rows("test")
-    adapted, _ = _adapted(run, method, [Path(p) for p in test["path"]], args)
+    adapted, _ = _adapted(run, method, [Path(p) for p in test["path"]], args, frame=test)
     before_path = run / "eval" / "test" / "metrics.json"
     with tempfile.TemporaryDirectory() as out:
         before = json.loads(before_path.read_text()) if before_path.is_file() else evaluate_frame(loaded, test, Path(out) / "b")

@@ -26,7 +26,7 @@ BENCHMARKS = {
     "service": ["results", "ratios"],
     "accuracy": ["runs", "class_counts"],
     "clinical": ["runs", "targets", "paired"],
-    "external": ["rows", "in_distribution", "paired", "metadata_withheld"],
+    "external": ["rows", "in_distribution", "paired", "metadata_withheld", "label_shift"],
     "familiarity": ["runs"],
     "robustness": ["runs", "reports", "tables"],
     "distillation": ["results", "experts", "timings_s"],
@@ -40,7 +40,7 @@ EXTRA_ARGS = {
     "clinical": ["--only", "peer-seed0", "default", "ref_b_baseline", "ref_b_cutmix", "ref_b_distill"],
     "robustness": ["--only", "default", "no_color_constancy"],
     "calibration_abstention": ["--fusion", "--fusion-seeds", "1"],
-    "external": ["--withhold-metadata"],
+    "external": ["--withhold-metadata", "--label-shift"],
     # a server may need minutes to import and load beside another benchmark on a small machine
     "service": ["--start-timeout", "400"],
 }
@@ -116,6 +116,16 @@ def test_every_benchmark_runs_quick_and_writes_its_json(tmp_path: Path) -> None:
     assert set(external["in_distribution"]["run"]["adabn"]["after"]) == {"accuracy", "balanced_accuracy", "auc_macro"}
     withheld = external["metadata_withheld"]["run"]  # the quick run fuses metadata: withholding it moves its answers
     assert withheld["images"] > 0 and withheld["with"]["auc_macro"] != withheld["withheld"]["auc_macro"]
+    # label shift alone: the run's own test images drawn to the external folder's class mix, each method scored on them
+    assert [(row["run"], row["method"]) for row in external["label_shift"]] == [(row["run"], row["method"]) for row in external["rows"]]
+    true_mix = mixes["prior"]["true"]
+    for row in (r for r in external["label_shift"] if "refused" not in r):
+        total = sum(row["drawn"].values())
+        assert row["images"] == total > 0 and set(row["drawn"]) == set(true_mix)
+        assert all(abs(row["drawn"][name] / total - share) <= 1.5 / total for name, share in true_mix.items())
+    shifted = next(r for r in external["label_shift"] if r["run"] == "run" and r["method"] == "prior")
+    drawn = sum(shifted["drawn"].values())  # EM's estimate is recorded beside the drawn images' own mix
+    assert shifted["class_mix"]["true"] == pytest.approx({name: shifted["drawn"][name] / drawn for name in true_mix})
     familiarity = json.loads((tmp_path / "results" / "familiarity-quick.json").read_text())["runs"]["run"]
     assert set(familiarity["detection"]) == {
         "level statistics (mean z over feature levels)", "mahalanobis distance", "1 - max probability", "minus energy"
