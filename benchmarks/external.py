@@ -18,7 +18,8 @@ val operating points travel: the thresholds on the target's probability that gav
 0.8 on its own val split (``metrics.json``), applied to the external images (the target's recall there, and the
 share of the other classes present it flags). Then the
 in-distribution check: each method adapted on the run's own test images (with their metadata, as they are scored;
-before 2026-12-07 adapting read no metadata), and the change it makes to the test split's accuracy, balanced accuracy and macro AUC (it should be within noise). With several runs, each later run's
+before 2026-12-07 adapting read no metadata), and the change it makes to the test split's accuracy, balanced
+accuracy and macro AUC (it should be within noise). With several runs, each later run's
 as-trained figures minus each earlier run's on the same external images, with paired bootstrap intervals.
 ``--withhold-metadata``: for each run whose head fuses age, sex and localization, its own test split scored with
 them and again with them withheld (every image "all unknown", as every external image is scored): how much of the
@@ -226,10 +227,12 @@ def _score_external(run: Path, method: str, args: argparse.Namespace) -> dict[st
 def _drawn_to_mix(frame: pd.DataFrame, shares: dict[str, float], seed: int = 0) -> pd.DataFrame:
     """Images of ``frame`` drawn without replacement (seeded) so that their class mix is ``shares``: as many images
     as the scarcest class allows, every class at its share of them."""
+    from dermlab.errors import ConfigError
+
     counts = frame["label"].value_counts()
     missing = [name for name in shares if counts.get(name, 0) == 0]
-    if missing:
-        raise ValueError(f"no images of {', '.join(missing)} to draw from")
+    if missing:  # refused for this run (a row saying why), not a crash that loses the other rows
+        raise ConfigError(f"no test images of {', '.join(missing)} to draw the external class mix from")
     total = min(counts[name] / share for name, share in shares.items() if share > 0)
     parts = [frame[frame["label"] == name].sample(n=int(total * share + 1e-9), random_state=seed) for name, share in shares.items()]
     return pd.concat(parts).reset_index(drop=True)
