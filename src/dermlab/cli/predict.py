@@ -80,11 +80,12 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no image files found in " + ", ".join(map(str, args.inputs)), file=sys.stderr)
         return 2
+    records = None  # --metadata, once read
     if args.adapt:
-        predictor = _adapted_predictor(args, paths)
+        predictor, records = _adapted_predictor(args, paths)
     else:
         predictor = Predictor.from_path(args.run, engine=args.engine, batch_size=args.batch_size, **behaviour_options(args))
-    metadata = _read_metadata(args, predictor)
+    metadata = _read_metadata(args, predictor, records)
     print(predictor.behaviour.describe(), file=sys.stderr)
 
     console = Console(stderr=True)
@@ -145,13 +146,14 @@ def _print_familiarity(predictor: Any, results: list) -> None:
         print(levels.verdict_of_scores(np.asarray([result.level_score for result in results])).describe(), file=sys.stderr)
 
 
-def _read_metadata(args: argparse.Namespace, predictor: Any) -> Any:
-    """``--metadata FILE.csv`` read and checked (only a fusion model takes it); a note when a fusion model has none."""
+def _read_metadata(args: argparse.Namespace, predictor: Any, records: Any = None) -> Any:
+    """``--metadata FILE.csv`` read (unless ``records`` holds it already) and checked (only a fusion model takes it);
+    a note when a fusion model has none."""
     if args.metadata:
         from dermlab.data.metadata import read_metadata_csv
 
         predictor.refuse_metadata_unless_fused(True)
-        return read_metadata_csv(args.metadata)
+        return records if records is not None else read_metadata_csv(args.metadata)
     if predictor.takes_metadata:
         from dermlab.models.classifier import unknown_metadata_caveat
 
@@ -165,8 +167,9 @@ def _read_metadata(args: argparse.Namespace, predictor: Any) -> Any:
     return None
 
 
-def _adapted_predictor(args: argparse.Namespace, paths: list[Path]) -> Any:
-    """``--adapt``: the run's model adapted (AdaBN, TENT or prior) on the images to predict, held in memory only."""
+def _adapted_predictor(args: argparse.Namespace, paths: list[Path]) -> tuple[Any, Any]:
+    """``--adapt``: the run's model adapted (AdaBN, TENT or prior) on the images to predict, held in memory only;
+    and the ``--metadata`` records it adapted with (None without), so they are read once."""
     from dermlab.errors import ConfigError
     from dermlab.models.checkpoint import load_checkpoint
     from dermlab.serving.predictor import Predictor
@@ -179,16 +182,17 @@ def _adapted_predictor(args: argparse.Namespace, paths: list[Path]) -> Any:
     if len(paths) < 2:
         raise ConfigError("--adapt needs at least 2 images (BatchNorm statistics of one image are not statistics)")
     loaded = load_checkpoint(args.run)
-    metadata = None
+    records = None
     if args.metadata:  # adapt on the answers the model will give: with the metadata it is given
         from dermlab.data.metadata import read_metadata_csv
 
-        metadata = metadata_rows(paths, read_metadata_csv(args.metadata))
+        records = read_metadata_csv(args.metadata)
+    metadata = metadata_rows(paths, records) if records is not None else None
     details = adapt_model(loaded, paths, args.adapt, batch_size=max(2, args.batch_size), metadata=metadata)
     print(f"adapted with {args.adapt} on the {details['images_seen']} images given, for this prediction only", file=sys.stderr)
     if mix := class_mix_line(loaded.classes, details):
         print(mix, file=sys.stderr)
-    return Predictor(loaded, batch_size=args.batch_size, **behaviour_options(args))
+    return Predictor(loaded, batch_size=args.batch_size, **behaviour_options(args)), records
 
 
 def _metadata_counts(statuses: pd.Series, source: str | None) -> str:
